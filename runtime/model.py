@@ -19,6 +19,7 @@ Two precision modes:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -63,8 +64,8 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """
     if k == scores.shape[-1]:
         return torch.arange(k, device=scores.device).expand(scores.shape[0], k)
-    values, picked = scores.topk(k, dim=-1)
-    kth = values[:, -1:]
+    values, picked = scores.topk(k, dim=-1, sorted=False)  # sorting the k would cost ~40% more
+    kth = values.amin(-1, keepdim=True)
     straddle = ((scores == kth).sum(-1) > (values == kth).sum(-1)).nonzero()[:, 0]
     if straddle.numel():
         sub = scores[straddle]
@@ -74,6 +75,17 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
         picked = picked.clone()
         picked[straddle] = chosen.nonzero()[:, 1].view(-1, k)
     return picked
+
+
+def _sampled_scores(q: torch.Tensor, keys: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """scores[r, j] = q[r] · keys[picks[r, j]] for q [R, D], keys [N, D], picks [R, k]: a
+    sampled GEMM, whose cost and memory follow k, not N (duplicate picks are allowed)."""
+    R, k = picks.shape
+    with warnings.catch_warnings():  # the CSR constructor announces its beta status; we use one stable op
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(torch.arange(R + 1, device=q.device) * k, picks.reshape(-1),
+                                          q.new_zeros(R * k), size=(R, keys.shape[0]), check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, q, keys.t(), beta=0.0).values().view(R, k)
 
 
 class QLinear(nn.Module):
@@ -421,22 +433,20 @@ class Attention(nn.Module):
         scores_w = torch.einsum("thd,ld->thl", qf, keys).as_strided(*band)
         key_pos = positions[:, None] - (W - 1) + torch.arange(W, device=q.device)
         logits = [scores_w.masked_fill((key_pos < 0)[:, None, :], float("-inf"))]
+        if picks is not None and picks.shape[1] == 0:
+            entries = None  # k = 0: nothing picked
         if entries is not None:
             comp = entries.float()
-            n = comp.shape[0]
-            # the indexer's picks can be gathered ([Tb, k, D]) or, when that is cheaper, every
-            # entry scored with the others masked out: the same softmax either way
-            gathered = picks is not None and H * n > picks.shape[1] * comp.shape[1]
-            if gathered:
-                comp, hidden = comp[picks.clamp(min=0)], picks < 0
-            elif picks is not None:  # CSA: only the picks
-                hidden = torch.ones(Tb, n, dtype=torch.bool, device=q.device)
-                valid = picks >= 0
-                hidden[valid.nonzero()[:, 0], picks[valid]] = False
-            else:  # HCA, or CSA while top-k keeps every causal entry
-                hidden = torch.arange(n, device=q.device)[None, :] >= ((positions + 1) // self.ratio)[:, None]
-            equation = "thd,tkd->thk" if gathered else "thd,kd->thk"
-            logits.append(torch.einsum(equation, qf, comp).masked_fill(hidden[:, None, :], float("-inf")))
+            if picks is None:  # HCA, or CSA while top-k keeps every causal entry
+                hidden = torch.arange(comp.shape[0], device=q.device)[None, :] >= ((positions + 1) // self.ratio)[:, None]
+                logits.append(torch.einsum("thd,kd->thk", qf, comp).masked_fill(hidden[:, None, :], float("-inf")))
+            else:
+                # only the k picks enter the softmax: their scores are a sampled GEMM (one dot
+                # product per (query, head, pick)), so neither [Tb, k, D] nor [Tb, H, N] is built
+                idx = picks.clamp(min=0)
+                bags = idx[:, None, :].expand(-1, H, -1).reshape(Tb * H, -1)
+                picked = _sampled_scores(qf.reshape(Tb * H, -1), comp, bags).view(Tb, H, -1)
+                logits.append(picked.masked_fill((picks < 0)[:, None, :], float("-inf")))
         scores = torch.cat(logits, dim=-1) * scale
         sink = self.attn_sink.float()[None, :]
         top = torch.maximum(scores.amax(dim=-1), sink)  # finite: the window holds the query itself
@@ -447,8 +457,13 @@ class Attention(nn.Module):
         spread = probs.new_zeros(Tb, H, L)
         spread.as_strided(*band).copy_(probs[..., :W])
         out = torch.einsum("thl,ld->thd", spread, keys)
-        if entries is not None:
-            out = out + torch.einsum("thk,tkd->thd" if gathered else "thk,kd->thd", probs[..., W:], comp)
+        if entries is not None and picks is None:
+            out = out + torch.einsum("thk,kd->thd", probs[..., W:], comp)
+        elif entries is not None:
+            # P·V over the picks as a weighted sum of entry rows per (query, head), without
+            # gathering them (a hidden pick has probability 0)
+            weights = probs[..., W:].reshape(Tb * H, -1)
+            out = out + F.embedding_bag(bags, comp, per_sample_weights=weights, mode="sum").view(Tb, H, -1)
         return (out / denom[..., None]).to(q.dtype)
 
 
