@@ -11,7 +11,7 @@ drafts with the MTP block and verifies in one forward.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,34 +208,48 @@ class Session:
     # -- decoding -------------------------------------------------------------------------
 
     def generate(self, max_tokens: int, sampling: SamplingParams = SamplingParams(),
-                 stop_ids: set[int] | frozenset[int] = frozenset(), speculative: bool = False) -> Iterator[int]:
+                 stop_ids: set[int] | frozenset[int] = frozenset(), speculative: bool = False,
+                 stop_strings: Sequence[str] = (), detokenize: Callable[[list[int]], str] | None = None,
+                 ) -> Iterator[int]:
         """Stream up to `max_tokens` ids; each is appended to the session as it is yielded.
 
-        Stops after a token in `stop_ids` (which is kept, as the conversation needs it).
-        `speculative` drafts one token with the MTP block and verifies it in the same
-        forward as the next one; greedy only, and the output equals plain greedy decoding.
+        Stops after a token in `stop_ids`, or after the token whose text completes one of
+        `stop_strings` in the generated text (`detokenize` turns ids into text); that token
+        is kept, as the conversation needs it. `speculative` drafts one token with the MTP
+        block and verifies it in the same forward as the next one; greedy only, and the
+        output equals plain greedy decoding.
         """
         if self._logits is None:
             raise ValueError("generate needs a prompt: call extend first")
         if speculative and (sampling.temperature != 0 or not self.model.mtp):
             raise ValueError("speculative decoding needs greedy sampling and a model with an MTP block")
+        if stop_strings and detokenize is None:
+            raise ValueError("stop strings need a detokenize function")
         self._snapshot()
         gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-        produced = 0
-        while produced < max_tokens:
+        produced: list[int] = []
+        # a token is at least one byte, so a stop string of n characters lies within the last 4n tokens
+        tail = 4 * max((len(s) for s in stop_strings), default=0)
+
+        def ends(ids: list[int]) -> bool:
+            """Whether generated `ids` end with a stop: checked after every token."""
+            if ids[-1] in stop_ids:
+                return True
+            return bool(stop_strings) and any(s in detokenize(ids[-tail:]) for s in stop_strings)
+
+        while len(produced) < max_tokens:
             token = sample(self._logits, sampling, gen)
-            if speculative and produced + 2 <= max_tokens and token not in stop_ids:
-                accepted = self._speculate(token)
-                for t in accepted:
-                    produced += 1
+            # a pair is drafted only when its first token does not stop: the draft then never
+            # enters the session behind a stop
+            if speculative and len(produced) + 2 <= max_tokens and not ends(produced + [token]):
+                for t in self._speculate(token):
+                    produced.append(t)
                     yield t
-                    if t in stop_ids:
-                        return
-                continue
-            self._run([token])
-            produced += 1
-            yield token
-            if token in stop_ids:
+            else:
+                self._run([token])
+                produced.append(token)
+                yield token
+            if ends(produced):
                 return
 
     def _speculate(self, token: int) -> list[int]:

@@ -111,6 +111,25 @@ def test_generate_streams_stops_and_is_seeded(reference) -> None:
     stop = Session(reference)
     stop.extend(prompt)
     assert list(stop.generate(20, GREEDY, stop_ids={first[2]})) == first[:3]
+    # a stop string spanning two tokens' text ends the stream at the token completing it
+    text = Session(reference)
+    text.extend(prompt)
+    spanning = f"{first[2]}><{first[3]}"
+    expected = until(first, spanning)
+    assert list(text.generate(20, GREEDY, stop_strings=[spanning], detokenize=spell)) == expected
+    assert text.tokens == prompt + expected
+    with pytest.raises(ValueError, match="detokenize"):
+        list(text.generate(3, GREEDY, stop_strings=["x"]))
+
+
+def spell(ids: list[int]) -> str:
+    """A stand-in detokenizer: each id as its own bracketed text."""
+    return "".join(f"<{i}>" for i in ids)
+
+
+def until(ids: list[int], stop: str) -> list[int]:
+    """The shortest head of `ids` whose text contains `stop`."""
+    return next(ids[:n] for n in range(1, len(ids) + 1) if stop in spell(ids[:n]))
 
 
 @pytest.mark.parametrize("precision", ["exact", "reference"])
@@ -128,27 +147,38 @@ def test_speculative_greedy_equals_plain_greedy(exact, reference, precision) -> 
 
 
 def test_speculative_state_after_forced_acceptance(exact, monkeypatch) -> None:
-    """Force every draft to be the model's own greedy choice, so the accept path runs too."""
+    """Force every draft to be the model's own greedy choice, so the accept path runs too,
+    also when a stop string ends the stream on either token of an accepted pair."""
     prompt = tokens(40, 10)
     plain = Session(exact)
     plain.extend(prompt)
     expected = list(plain.generate(10, GREEDY))
-    spec = Session(exact)
-    spec.extend(prompt)
-    future = iter(expected[1:] + [0] * 10)
     original = exact.mtp_logits
 
-    def oracle_draft(state, streams, next_ids, start):
-        logits = original(state, streams, next_ids, start)
-        if next_ids.numel() == 1 and start == state.mtp_position - 1 and len(spec.tokens) >= len(prompt):
-            forced = torch.full_like(logits, -1e9)
-            forced[0, next(future)] = 0
-            return forced
-        return logits
+    def forced_session() -> Session:
+        spec = Session(exact)
+        spec.extend(prompt)
+        future = iter(expected[1:] + [0] * 10)
 
-    monkeypatch.setattr(exact, "mtp_logits", oracle_draft)
+        def oracle_draft(state, streams, next_ids, start):
+            logits = original(state, streams, next_ids, start)
+            if next_ids.numel() == 1 and start == state.mtp_position - 1 and len(spec.tokens) >= len(prompt):
+                forced = torch.full_like(logits, -1e9)
+                forced[0, next(future)] = 0
+                return forced
+            return logits
+
+        monkeypatch.setattr(exact, "mtp_logits", oracle_draft)
+        return spec
+
+    spec = forced_session()
     got = list(spec.generate(10, GREEDY, speculative=True))
     assert got == expected and spec.spec.acceptance_rate > 0.5
+    for last in (2, 3):  # the first token of the second pair, then its draft
+        stop = f"<{expected[last]}>"
+        spec = forced_session()
+        got = list(spec.generate(10, GREEDY, speculative=True, stop_strings=[stop], detokenize=spell))
+        assert got == until(expected, stop) and spec.tokens == prompt + got
 
 
 # -- persistence -----------------------------------------------------------------------------
