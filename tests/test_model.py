@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from runtime import load
 from runtime.checkpoint import CheckpointError, inventory, logical_names, open_checkpoint
 from runtime.config import released_config
-from runtime.model import Model, QLinear
+from runtime.model import Model, QLinear, _picked_scores
 from runtime.quant import fp4_sim, fp8_sim
 from tests.conftest import CONFIGS
 
@@ -204,6 +204,18 @@ def test_attention_memory_grows_linearly(checkpoint_dir) -> None:
         peaks.append(probe.peak)
     assert peaks[1] / peaks[0] < 2.2, peaks
     assert peaks[1] < 2048 * 2048, peaks
+
+
+def test_picked_scores_equal_the_gathered_dot_products() -> None:
+    """The CPU's sampled GEMM against the gather the GPU path uses: repeated picks (a query
+    with fewer causal entries than k repeats entry 0) and a single pick included."""
+    g = torch.Generator().manual_seed(0)
+    for T, H, D, N, k in ((5, 3, 16, 40, 7), (1, 2, 8, 1, 1), (9, 4, 32, 100, 30)):
+        q, entries = torch.randn(T, H, D, generator=g), torch.randn(N, D, generator=g)
+        picks = torch.randint(0, N, (T, k), generator=g)
+        picks[0, k // 2:] = 0
+        expected = torch.einsum("thd,tkd->thk", q, entries[picks])
+        torch.testing.assert_close(_picked_scores(q, entries, picks), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_offloaded_experts_give_identical_logits(checkpoint_dir) -> None:
