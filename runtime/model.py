@@ -327,12 +327,14 @@ class Indexer(nn.Module):
         keys_t = keys.float().t()
         entry = torch.arange(n, device=q.device)
         for s in range(0, q.shape[0], ATTENTION_QUERY_BLOCK):
-            e = s + ATTENTION_QUERY_BLOCK
+            e = min(s + ATTENTION_QUERY_BLOCK, q.shape[0])
+            # entries the chunk emitted after the block's last query are nobody's in the block
+            m = max(int(visible[e - 1]), k)
             qb = q[s:e].float()
             # one GEMM for all heads, then the ReLU and the head weighting as a batched GEMV
-            per_head = (qb.reshape(-1, self.head_dim) @ keys_t).view(qb.shape[0], self.n_heads, n).relu_()
+            per_head = (qb.reshape(-1, self.head_dim) @ keys_t[:, :m]).view(e - s, self.n_heads, m).relu_()
             scores = torch.bmm(weights[s:e, None, :], per_head)[:, 0]
-            scores.masked_fill_(entry[None, :] >= visible[s:e, None], float("-inf"))
+            scores.masked_fill_(entry[None, :m] >= visible[s:e, None], float("-inf"))
             idx = topk_indices(scores, k)
             out.append(torch.where(idx < visible[s:e, None], idx, -1))
         return torch.cat(out)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import runtime.model as rm
 from runtime.loader import load
@@ -56,7 +57,10 @@ def our_logits(model, ids: torch.Tensor, forced: list[torch.Tensor] | None = Non
     def indexer(self, *args, **kwargs):
         scores_of_call.clear()
         mine = original_forward(self, *args, **kwargs)
-        seen.append((torch.cat(scores_of_call) if scores_of_call else None, mine))
+        # query blocks score only the entries visible to them: pad the rows to one width
+        width = max((s.shape[1] for s in scores_of_call), default=0)
+        scores = [F.pad(s, (0, width - s.shape[1]), value=float("-inf")) for s in scores_of_call]
+        seen.append((torch.cat(scores) if scores else None, mine))
         return forced[len(seen) - 1] if forced is not None else mine
 
     rm.Indexer.forward, rm.topk_indices = indexer, recording_topk
