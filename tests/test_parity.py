@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 
 import runtime.model as rm
@@ -120,3 +122,17 @@ def test_topk_tie_rule_prefers_lower_index() -> None:
     assert rm.topk_indices(scores, 5).sort(-1).values.tolist() == [[0, 1, 2, 3, 4]] * 2
     # no tie at the cut: plain top-k
     assert sorted(rm.topk_indices(torch.tensor([[0.5, 0.1, 0.9, 0.0]]), 2)[0].tolist()) == [0, 2]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_topk_follows_the_tie_rule_on_any_scores(data) -> None:
+    """Against the rule written as a sort: by score descending, then index ascending. Scores
+    come from a few values (many ties) plus -inf (entries hidden from the query)."""
+    n = data.draw(st.integers(2, 60))
+    k = data.draw(st.integers(1, n - 1))
+    values = st.sampled_from([float("-inf"), -1.0, 0.0, 0.0, 0.5, 2.0])
+    rows = data.draw(st.lists(st.lists(values, min_size=n, max_size=n), min_size=1, max_size=6))
+    scores = torch.tensor(rows)
+    expected = [sorted(sorted(range(n), key=lambda j: (-row[j], j))[:k]) for row in rows]
+    assert rm.topk_indices(scores, k).sort(-1).values.tolist() == expected
