@@ -60,8 +60,9 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
 
     Tie rule (documented, deterministic): higher score first; among equal scores the
     lower index wins. Exact ties are real (an indexer entry whose every head term is
-    cut by the ReLU scores exactly 0), and torch.topk leaves their order unspecified,
-    so rows where equal scores straddle the cut are redone with the rule.
+    cut by the ReLU scores exactly 0), and neither torch.topk nor numpy's argpartition
+    says which of them it keeps, so rows where equal scores straddle the cut are redone
+    with the rule.
     """
     if k == scores.shape[-1]:
         return torch.arange(k, device=scores.device).expand(scores.shape[0], k)
