@@ -223,8 +223,8 @@ class Session:
             raise ValueError("generate needs a prompt: call extend first")
         if speculative and (sampling.temperature != 0 or not self.model.mtp):
             raise ValueError("speculative decoding needs greedy sampling and a model with an MTP block")
-        if stop_strings and detokenize is None:
-            raise ValueError("stop strings need a detokenize function")
+        if stop_strings and (detokenize is None or not all(stop_strings)):
+            raise ValueError("stop strings must be non-empty and need a detokenize function")
         self._snapshot()
         gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         produced: list[int] = []

@@ -120,6 +120,8 @@ def test_generate_streams_stops_and_is_seeded(reference) -> None:
     assert text.tokens == prompt + expected
     with pytest.raises(ValueError, match="detokenize"):
         list(text.generate(3, GREEDY, stop_strings=["x"]))
+    with pytest.raises(ValueError, match="non-empty"):
+        list(text.generate(3, GREEDY, stop_strings=[""], detokenize=spell))
 
 
 def spell(ids: list[int]) -> str:
