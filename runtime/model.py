@@ -84,22 +84,22 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return picked
 
 
-def _picked_scores(q: torch.Tensor, entries: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
-    """scores[t, h, j] = q[t, h] · entries[picks[t, j]] for q [T, H, D], entries [N, D], picks [T, k].
+def _picked_scores(q: torch.Tensor, entries: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+    """scores[t, h, j] = q[t, h] · entries[bags[t * H + h, j]] for q [T, H, D], entries [N, D] and
+    `bags` [T * H, k]: each query's picks, repeated for each of its heads (as P·V reads them).
 
     On the CPU a sampled GEMM (one dot product per query, head and pick), whose cost and
     memory follow k, not N, and which gathers nothing. On a GPU the picked rows are gathered
     ([T, k, D] moves at HBM speed), rather than relying on cuSPARSE's SDDMM for unsorted and
     repeated column indices.
     """
-    if q.is_cuda:
-        return torch.einsum("thd,tkd->thk", q, entries[picks])
     T, H, _ = q.shape
-    k = picks.shape[1]
-    columns = picks[:, None, :].expand(-1, H, -1).reshape(-1)
+    k = bags.shape[1]
+    if q.is_cuda:
+        return torch.einsum("thd,tkd->thk", q, entries[bags.view(T, H, k)[:, 0]])
     with warnings.catch_warnings():  # the CSR constructor announces its beta status; we use one stable op
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        pattern = torch.sparse_csr_tensor(torch.arange(T * H + 1, device=q.device) * k, columns,
+        pattern = torch.sparse_csr_tensor(torch.arange(T * H + 1, device=q.device) * k, bags.reshape(-1),
                                           q.new_zeros(T * H * k), size=(T * H, entries.shape[0]),
                                           check_invariants=False)
     return torch.sparse.sampled_addmm(pattern, q.reshape(T * H, -1), entries.t(), beta=0.0).values().view(T, H, k)
@@ -463,8 +463,8 @@ class Attention(nn.Module):
                 logits.append(torch.einsum("thd,kd->thk", qf, comp).masked_fill(hidden[:, None, :], float("-inf")))
             else:
                 # only the k picks enter the softmax; no [Tb, H, N] scores over every entry
-                idx = picks.clamp(min=0)
-                logits.append(_picked_scores(qf, comp, idx).masked_fill((picks < 0)[:, None, :], float("-inf")))
+                bags = picks.clamp(min=0)[:, None, :].expand(-1, H, -1).reshape(Tb * H, -1)
+                logits.append(_picked_scores(qf, comp, bags).masked_fill((picks < 0)[:, None, :], float("-inf")))
         scores = torch.cat(logits, dim=-1) * scale
         sink = self.attn_sink.float()[None, :]
         top = torch.maximum(scores.amax(dim=-1), sink)  # finite: the window holds the query itself
@@ -480,7 +480,6 @@ class Attention(nn.Module):
         elif entries is not None:
             # P·V over the picks as a weighted sum of entry rows per (query, head), without
             # gathering them (a hidden pick has probability 0)
-            bags = idx[:, None, :].expand(-1, H, -1).reshape(Tb * H, -1)
             weights = probs[..., W:].reshape(Tb * H, -1)
             out = out + F.embedding_bag(bags, comp, per_sample_weights=weights, mode="sum").view(Tb, H, -1)
         return (out / denom[..., None]).to(q.dtype)

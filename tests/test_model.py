@@ -215,7 +215,8 @@ def test_picked_scores_equal_the_gathered_dot_products() -> None:
         picks = torch.randint(0, N, (T, k), generator=g)
         picks[0, k // 2:] = 0
         expected = torch.einsum("thd,tkd->thk", q, entries[picks])
-        torch.testing.assert_close(_picked_scores(q, entries, picks), expected, atol=1e-5, rtol=1e-5)
+        bags = picks[:, None, :].expand(-1, H, -1).reshape(T * H, k)
+        torch.testing.assert_close(_picked_scores(q, entries, bags), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_offloaded_experts_give_identical_logits(checkpoint_dir) -> None:
