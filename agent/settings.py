@@ -50,14 +50,21 @@ class Settings:
     timeout_s: float = 600.0
     retries: int = 3
     reasoning_fields: str = "auto"  # auto | deepseek | chat_template_kwargs | none
-    # the tools
-    sandbox: str = "auto"  # auto | off | require
+    # the tools (docs/security.md)
+    sandbox: str = "on"  # on: every command sandboxed, none without the sandbox | off: unconfined
+    sandbox_uid: int = 65000  # the unprivileged uid commands run as when v4agent runs as root
+    sandbox_paths: str = ""  # more read-only paths for the sandbox, separated by ":" (e.g. a venv)
     run_timeout_s: float = 300.0
+    memory_mb: int = 8192  # per process of a command
+    max_processes: int = 512  # per command
+    max_file_mb: int = 1024  # the largest file a command may write
+    tmp_mb: int = 1024  # the sandbox's private /tmp
 
 
 _CHOICES = {"think": THINK_MODES, "effort_profile": tuple(EFFORT_PROFILES), "reasoning_fields": REASONING_FIELDS,
-            "sandbox": ("auto", "off", "require")}
-_POSITIVE = ("max_turns", "max_turn_tokens", "context_limit", "timeout_s", "run_timeout_s")
+            "sandbox": ("on", "off")}
+_POSITIVE = ("max_turns", "max_turn_tokens", "context_limit", "timeout_s", "run_timeout_s", "sandbox_uid", "memory_mb",
+             "max_processes", "max_file_mb", "tmp_mb")
 _NON_NEGATIVE = ("max_total_tokens", "retries", "temperature")
 
 

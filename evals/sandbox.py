@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evals.proc import EvalError
-from tools.shell import bwrap_available, interpreter_dirs, scrubbed_env
+from tools.sandbox import interpreter_dirs
+from tools.shell import bwrap_available, scrubbed_env
 
 # What every scratch root sees of the host, read-only; merged-/usr symlinks stay symlinks.
 HOST_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt")

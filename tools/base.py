@@ -41,7 +41,13 @@ class Settings:
     read_max_line_chars: int = 2_000
     search_max_results: int = 100
     list_max_entries: int = 500
-    sandbox: str = "auto"  # "auto": bubblewrap when it works; "off"; "require"
+    sandbox: str = "on"  # "on": every command in the sandbox, none without it; "off": unconfined
+    sandbox_uid: int = 65000  # the unprivileged uid commands run as when v4agent runs as root
+    sandbox_paths: tuple[str, ...] = ()  # more read-only paths the sandbox shows (e.g. the project's venv)
+    memory_mb: int = 8192  # per process of a command (RLIMIT_DATA)
+    max_processes: int = 512  # processes and threads of a command (RLIMIT_NPROC)
+    max_file_mb: int = 1024  # the largest file a command may write (RLIMIT_FSIZE)
+    tmp_mb: int = 1024  # the sandbox's private /tmp
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
-"""The run tool: a shell command in the work tree, with a timeout that kills its whole process
-group, an environment scrubbed down to an allowlist (no API keys or tokens), and output
-bounded to its head and tail.
+"""The run tool: a shell command in the work tree, with a timeout that kills everything it
+started, an environment scrubbed down to an allowlist (no API keys or tokens), per-command
+limits, and output bounded to its head and tail.
 
-Sandbox: where bubblewrap (`bwrap`) is installed and works (checked once at run time), the
-command sees the whole file system read-only except the work tree (its .git read-only too:
-hooks written there would later run outside the sandbox), a private /tmp, and no network.
+With `sandbox = "on"` (the default) every command runs in tools.sandbox's sandbox, and none runs
+when the sandbox cannot (the tool refuses; `v4agent fix` checks before it starts). With "off" it
+runs unconfined under the same limits, inside a subreaper that kills whatever it leaves behind.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import threading
 from pathlib import Path
 from typing import IO
 
-from tools.base import Context, Tool, ToolError, ToolResult, parameters
+from tools import sandbox
+from tools.base import Context, Settings, Tool, ToolError, ToolResult, parameters
 
 ENV_ALLOWLIST = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "SHELL", "TMPDIR")
 FIXED_ENV = {
@@ -27,6 +28,8 @@ FIXED_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 _DRAIN_GRACE_S = 5.0  # how long to wait for output after the process group is gone
+_STOP_GRACE_S = 2.0  # how long an unconfined command's subreaper gets to kill what it left behind
+_SUBREAPER = Path(__file__).with_name("subreaper.py")
 
 
 def scrubbed_env() -> dict[str, str]:
@@ -46,32 +49,25 @@ def bwrap_available() -> bool:
     return probe.returncode == 0
 
 
-def interpreter_dirs() -> list[Path]:
-    """This Python's installation and virtualenv outside /usr (pyenv, a venv, perhaps under /tmp):
-    sandboxes that give a command a private /tmp must show these again, read-only."""
-    dirs = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve()}
-    return sorted(d for d in dirs if not d.is_relative_to("/usr"))
+def limits(settings: Settings) -> sandbox.Limits:
+    return sandbox.Limits(memory_mb=settings.memory_mb, processes=settings.max_processes,
+                          file_mb=settings.max_file_mb, tmp_mb=settings.tmp_mb)
 
 
-def sandbox_prefix(root: Path) -> list[str]:
-    """The bwrap command line that confines a command to `root`."""
-    argv = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-    for path in interpreter_dirs():
-        argv += ["--ro-bind", str(path), str(path)]
-    argv += ["--bind", str(root), str(root)]
-    if (root / ".git").is_dir():
-        argv += ["--ro-bind", str(root / ".git"), str(root / ".git")]
-    return argv + ["--setenv", "XDG_CACHE_HOME", "/tmp/.cache", "--unshare-net", "--unshare-pid", "--unshare-ipc",
-                   "--die-with-parent", "--new-session", "--chdir", str(root), "--"]
-
-
-def use_sandbox(mode: str) -> bool:
-    """Whether commands run in bubblewrap under settings.sandbox = `mode`."""
-    if mode == "off":
-        return False
-    if mode == "require" and not bwrap_available():
-        raise ToolError("the sandbox (bubblewrap) is required but not available on this machine")
-    return bwrap_available()
+def prepare(root: Path, command: str, settings: Settings) -> sandbox.Command:
+    """The command line that runs `command` in the work tree `root` under `settings`."""
+    argv = ["bash", "-c", command]
+    env = scrubbed_env()
+    if settings.sandbox == "off":
+        wrapped = [sys.executable, "-I", "-S", str(_SUBREAPER), "--", *argv]
+        return sandbox.Command(sandbox.limit_argv(limits(settings), os.geteuid()) + wrapped, (), env)
+    try:
+        sandbox.check(settings.sandbox_uid)
+        sandbox.adopt(root, settings.sandbox_uid)
+        return sandbox.command(root, argv, env, limits=limits(settings), uid=settings.sandbox_uid,
+                               extra=[Path(p) for p in settings.sandbox_paths])
+    except sandbox.SandboxUnavailable as e:
+        raise ToolError(f"{e}; no command runs without it") from None
 
 
 class BoundedOutput:
@@ -112,11 +108,14 @@ def run(context: Context, command: str, timeout: int | None = None) -> ToolResul
     limit = min(timeout if timeout is not None else settings.run_timeout_s, settings.max_run_timeout_s)
     if limit <= 0:
         raise ToolError("timeout must be positive")
-    prefix = sandbox_prefix(context.root) if use_sandbox(settings.sandbox) else []
-    process = subprocess.Popen(
-        prefix + ["bash", "-c", command], cwd=context.root, env=scrubbed_env(), stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    prepared = prepare(context.root, command, settings)
+    try:
+        process = subprocess.Popen(
+            prepared.argv, cwd=context.root, env=prepared.env, pass_fds=prepared.pass_fds, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    finally:
+        prepared.close()
     output = BoundedOutput(settings.output_head_bytes, settings.output_tail_bytes)
     assert process.stdout is not None
     reader = threading.Thread(target=output.drain, args=(process.stdout,), daemon=True)
@@ -126,8 +125,15 @@ def run(context: Context, command: str, timeout: int | None = None) -> ToolResul
         timed_out = False
     except subprocess.TimeoutExpired:
         timed_out = True
+        if settings.sandbox == "off":  # the subreaper kills what left the process group, then exits
+            process.terminate()
+            try:
+                process.wait(timeout=_STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
     finally:
-        # Background jobs it left behind die too (and stop holding the output pipe open).
+        # Background jobs it left behind die too (and stop holding the output pipe open); in the
+        # sandbox, everything in its pid namespace dies with it.
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -139,14 +145,24 @@ def run(context: Context, command: str, timeout: int | None = None) -> ToolResul
     text = output.text() or "(no output)"
     if timed_out:
         return ToolResult(False, f"[timed out after {limit:g} s; the command and its subprocesses were killed]\n{text}")
-    return ToolResult(True, f"[exit code {code}]\n{text}")
+    return ToolResult(True, f"[exit code {code}{_limit_note(code, settings)}]\n{text}")
+
+
+def _limit_note(code: int, settings: Settings) -> str:
+    """Why a command died, when a signal says it hit one of the limits."""
+    if code == 128 + signal.SIGXFSZ:
+        return f": a file reached the {settings.max_file_mb} MB limit on files a command writes"
+    if code > 128 and code - 128 in signal.Signals._value2member_map_:
+        return f": killed by {signal.Signals(code - 128).name}"
+    return ""
 
 
 RUN = Tool(
     "run",
     "Run a bash command in the repository root and get its exit code and output (stdout and stderr "
-    "together; long output keeps its beginning and end). Non-interactive: no input, no network in the "
-    "sandbox; files outside the repository are read-only there. Use it to run tests and scripts.",
+    "together; long output keeps its beginning and end). Non-interactive: no input, no network; only "
+    "the repository is writable (and a private /tmp); nothing it starts outlives it; memory, processes "
+    "and file sizes are limited. Use it to run tests and scripts.",
     parameters({"command": {"type": "string", "description": "The bash command line."}},
                {"timeout": {"type": "integer", "minimum": 1,
                             "description": "Seconds before the command is killed (default 300, at most 1800)."}}),

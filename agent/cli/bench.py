@@ -120,3 +120,19 @@ def kernels_cmd(
         except RuntimeError as e:
             raise fail(str(e)) from None
     print_result(result, as_json)
+
+
+@app.command("sandbox")
+def sandbox_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of lines."),
+    repeats: int = typer.Option(50, "--repeats", min=1, help="Timed commands per mode."),
+) -> None:
+    """What the sandbox adds to one `run` of `true`: mean/median ms sandboxed and unconfined, alternated."""
+    from tools.bench_sandbox import run
+    from tools.sandbox import SandboxUnavailable
+
+    try:
+        result = run(repeats)
+    except (SandboxUnavailable, RuntimeError) as e:
+        raise fail(str(e)) from None
+    print_result(result, as_json)
