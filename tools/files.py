@@ -1,5 +1,10 @@
 """File tools: read_file, list_dir, edit_file, write_file. Reads show line numbers; edits
-replace text that must occur exactly once, and say precisely why when it does not."""
+replace text that must occur exactly once, and say precisely why when it does not.
+
+Text is UTF-8 when it decodes as UTF-8, else Latin-1 (one character per byte, so any bytes
+read as text and written back are the same bytes): a file in another encoding is edited in
+place without touching the bytes around the edit, and keeps its encoding when written.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,28 @@ from tools.base import Context, Tool, ToolError, ToolResult, display, parameters
 _SNIPPET_CONTEXT = 3  # lines shown around an edit
 
 
-def _read_text(context: Context, path: str, *, for_writing: bool = False) -> tuple[Path, str]:
+def _decode(data: bytes) -> tuple[str, str]:
+    """(text, encoding): UTF-8 when the bytes are UTF-8, else Latin-1."""
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return data.decode("latin-1"), "latin-1"
+
+
+def _encode(path: str, text: str, encoding: str) -> bytes:
+    try:
+        return text.encode(encoding)
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start:e.end]
+        if encoding == "utf-8":  # lone surrogates, from \ud800-style escapes in the call's JSON
+            raise ToolError(f"the text for {path} has characters UTF-8 cannot hold: {bad!r}") from None
+        raise ToolError(f"{path} is not UTF-8 (it is read and written as Latin-1, one character per byte), and "
+                        f"{bad!r} has no Latin-1 byte; keep to its characters, or delete the file to write it "
+                        f"afresh as UTF-8") from None
+
+
+def _read_text(context: Context, path: str, *, for_writing: bool = False) -> tuple[Path, str, str]:
+    """(file, text, encoding) of a text file of the work tree."""
     target = resolve(context, path, for_writing=for_writing)
     if target.is_dir():
         raise ToolError(f"{path} is a directory; use list_dir")
@@ -21,10 +47,15 @@ def _read_text(context: Context, path: str, *, for_writing: bool = False) -> tup
     data = target.read_bytes()
     if b"\0" in data[:8192]:
         raise ToolError(f"{path} is a binary file")
-    try:
-        return target, data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ToolError(f"{path} is not UTF-8 text") from None
+    return target, *_decode(data)
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of `text` with their ends, broken at newlines only (str.splitlines also breaks at
+    form feeds, \\x85 — a Latin-1 byte — and more, which would put line numbers off)."""
+    lines = [line + "\n" for line in text.split("\n")]
+    lines[-1] = lines[-1][:-1]
+    return lines if lines[-1] else lines[:-1]
 
 
 def _numbered(lines: list[str], first: int, max_chars: int) -> str:
@@ -40,8 +71,8 @@ def _numbered(lines: list[str], first: int, max_chars: int) -> str:
 
 
 def read_file(context: Context, path: str, start_line: int = 1, end_line: int | None = None) -> ToolResult:
-    target, text = _read_text(context, path)
-    lines = text.splitlines(keepends=True)
+    target, text, encoding = _read_text(context, path)
+    lines = _lines(text)
     total = len(lines)
     if total == 0:
         return ToolResult(True, f"{display(context, target)} is empty")
@@ -51,7 +82,8 @@ def read_file(context: Context, path: str, start_line: int = 1, end_line: int | 
     if last < start_line:
         raise ToolError(f"end_line {end_line} is before start_line {start_line}")
     last = min(last, start_line + context.settings.read_max_lines - 1)
-    header = f"{display(context, target)} (lines {start_line}-{last} of {total})"
+    latin = ", not UTF-8: read as Latin-1" if encoding == "latin-1" else ""
+    header = f"{display(context, target)} (lines {start_line}-{last} of {total}{latin})"
     body = _numbered(lines[start_line - 1:last], start_line, context.settings.read_max_line_chars)
     more = f"\n[… {total - last} more lines; read again with start_line={last + 1}]" if last < total else ""
     return ToolResult(True, f"{header}\n{body}{more}")
@@ -82,15 +114,20 @@ def write_file(context: Context, path: str, content: str) -> ToolResult:
     if target.is_dir():
         raise ToolError(f"{path} is a directory")
     existed = target.exists()
+    # A text file that is not UTF-8 keeps its encoding; new files, and binary ones, are UTF-8.
+    old = target.read_bytes() if target.is_file() else b""
+    encoding = "utf-8" if b"\0" in old[:8192] else _decode(old)[1]
+    data = _encode(path, content, encoding)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(content, encoding="utf-8")
+    target.write_bytes(data)
     lines = content.count("\n") + (1 if content and not content.endswith("\n") else 0)
     verb = "Overwrote" if existed else "Created"
-    return ToolResult(True, f"{verb} {display(context, target)} ({lines} lines, {len(content.encode())} bytes)")
+    latin = ", Latin-1 as before" if encoding == "latin-1" else ""
+    return ToolResult(True, f"{verb} {display(context, target)} ({lines} lines, {len(data)} bytes{latin})")
 
 
 def edit_file(context: Context, path: str, old_text: str, new_text: str) -> ToolResult:
-    target, text = _read_text(context, path, for_writing=True)
+    target, text, encoding = _read_text(context, path, for_writing=True)
     if not old_text:
         raise ToolError("old_text is empty; to create or replace a whole file use write_file")
     if old_text == new_text:
@@ -100,9 +137,9 @@ def edit_file(context: Context, path: str, old_text: str, new_text: str) -> Tool
         raise ToolError(_mismatch(path, text, old_text, count))
     at = text.index(old_text)
     updated = text[:at] + new_text + text[at + len(old_text):]
-    target.write_text(updated, encoding="utf-8")
+    target.write_bytes(_encode(path, updated, encoding))
     first = text.count("\n", 0, at) + 1
-    lines = updated.splitlines()
+    lines = _lines(updated)
     new_last = first + max(new_text.count("\n") + (0 if new_text.endswith("\n") else 1), 1) - 1
     lo = max(first - _SNIPPET_CONTEXT, 1)
     hi = min(new_last + _SNIPPET_CONTEXT, len(lines))
@@ -123,7 +160,7 @@ def _mismatch(path: str, text: str, old_text: str, count: int) -> str:
             start = at + 1
         return (f"old_text occurs {count} times in {path} (at lines {', '.join(lines)}); "
                 "include more surrounding lines so it matches exactly once")
-    file_lines = text.splitlines()
+    file_lines = [line.rstrip("\n") for line in _lines(text)]
     wanted = next((line for line in old_text.splitlines() if line.strip()), old_text)
     # Whitespace is the usual culprit: say so when the text matches once it is ignored.
     squashed = " ".join(old_text.split())
