@@ -8,14 +8,18 @@ shared clone (`git clone --shared`: no objects copied) checked out at that tree,
 the user's HEAD.
 
 At the end `patch()` is the difference between that tree and the agent's work tree, as a binary
-git patch. `apply_patch` applies it to the user's checkout — all of it or, on any conflict,
-nothing — and `commit_branch` commits it on top of HEAD on a new branch, through a temporary
-index again, so neither touches anything else.
+git patch, in bytes (files need not be UTF-8). Both the snapshot and the patch stage files with
+`stage`, which leaves out what git cannot hold — nested repositories, names git refuses
+(`.GIT/x`) — and names each instead of failing. `apply_patch` applies a patch
+to the user's checkout — all of it or, on any conflict, nothing — and `commit_branch` commits it
+on top of HEAD on a new branch, through a temporary index again, so neither touches anything
+else. Both refuse symlinks that point out of the repository unless told otherwise.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import shutil
 import subprocess
 import tempfile
@@ -33,18 +37,30 @@ class WorkspaceError(Exception):
     """A git operation on the user's repository or the agent's copy failed; the message says which."""
 
 
-def git(cwd: Path, *args: str, index: Path | None = None, stdin: str | None = None) -> str:
-    """Run git in `cwd` (with `index` as the index file) and return its output."""
+def _git(cwd: Path, *args: str, index: Path | None = None, stdin: bytes | None = None) -> bytes:
+    """Run git in `cwd` (with `index` as the index file) and return its output, as bytes."""
     env = {k: v for k, v in os.environ.items() if k not in _REPO_VARIABLES}
     if index is not None:
         env["GIT_INDEX_FILE"] = str(index)
     try:
-        done = subprocess.run(["git", *args], cwd=cwd, env=env, input=stdin, capture_output=True, text=True)
+        done = subprocess.run(["git", *args], cwd=cwd, env=env, input=stdin, capture_output=True)
     except FileNotFoundError as e:
         raise WorkspaceError(f"cannot run git in {cwd}: {e.strerror}") from None
     if done.returncode:
-        raise WorkspaceError(f"git {args[0]} failed in {cwd}: {done.stderr.strip() or done.stdout.strip()}")
+        message = (done.stderr.strip() or done.stdout.strip()).decode("utf-8", "replace")
+        raise WorkspaceError(f"git {args[0]} failed in {cwd}: {message}")
     return done.stdout
+
+
+def git(cwd: Path, *args: str, index: Path | None = None) -> str:
+    """Run git in `cwd` (with `index` as the index file) and return its output as text; bytes that
+    are not UTF-8 become surrogate escapes, so a path read this way names the same file."""
+    return _git(cwd, *args, index=index).decode("utf-8", "surrogateescape")
+
+
+def shown(path: bytes) -> str:
+    """A path or symlink target as text for people: bytes that are not UTF-8 written as \\xNN."""
+    return path.decode("utf-8", "backslashreplace")
 
 
 def toplevel(path: Path) -> Path:
@@ -62,8 +78,38 @@ def _git_path(top: Path, name: str) -> Path:
     return top / git(top, "rev-parse", "--git-path", name).strip()
 
 
-def snapshot(repo: Path) -> tuple[str, str]:
-    """(HEAD commit, tree of HEAD plus the user's uncommitted changes) of the work tree `repo`."""
+# Why `stage` left something out.
+NESTED_REPOSITORY = "a nested git repository (its files are not part of this one)"
+REFUSED_NAME = "a name git refuses (such as .git in another case)"
+
+LeftOut = tuple[str, str]  # (path as shown, why)
+
+
+def stage(root: Path, index: Path | None = None) -> list[LeftOut]:
+    """Record the work tree `root` in its index (or in `index`) as `git add --all` would — junk
+    aside — but leave out, and name, what git cannot hold instead of failing on it: nested
+    repositories and names git refuses. (Untracked FIFOs and sockets git passes over by itself.)"""
+    _git(root, "add", "--update", "--", ".", *JUNK, index=index)  # changed and deleted tracked files
+    untracked = _git(root, "ls-files", "-z", "--others", "--exclude-standard", "--", ".", *JUNK, index=index)
+    left_out: list[LeftOut] = []
+    wanted = []
+    for path in filter(None, untracked.split(b"\0")):
+        if path.endswith(b"/"):  # git lists a repository inside the work tree as a directory
+            left_out.append((shown(path), NESTED_REPOSITORY))
+        else:
+            wanted.append(path)
+    if wanted:
+        # update-index skips (and does not fail on) a name git refuses; what it skipped is then
+        # what the index lacks.
+        _git(root, "update-index", "--add", "-z", "--stdin", stdin=b"".join(p + b"\0" for p in wanted), index=index)
+        staged = set(_git(root, "ls-files", "-z", "--cached", index=index).split(b"\0"))
+        left_out += [(shown(p), REFUSED_NAME) for p in wanted if p not in staged]
+    return left_out
+
+
+def snapshot(repo: Path) -> tuple[str, str, list[LeftOut]]:
+    """(HEAD commit, tree of HEAD plus the user's uncommitted changes, what that tree left out)
+    of the work tree `repo`."""
     try:
         head = git(repo, "rev-parse", "--verify", "HEAD^{commit}").strip()
     except WorkspaceError:
@@ -75,27 +121,39 @@ def snapshot(repo: Path) -> tuple[str, str]:
             shutil.copyfile(own, index)  # its stat data spares hashing every unchanged file again
         else:
             git(repo, "read-tree", "HEAD", index=index)
-        git(repo, "add", "--all", "--", ".", *JUNK, index=index)
-        return head, git(repo, "write-tree", index=index).strip()
+        left_out = stage(repo, index)
+        return head, git(repo, "write-tree", index=index).strip(), left_out
+
+
+@dataclass(frozen=True)
+class Patch:
+    """diff: the agent's changes as a binary git patch (empty when there are none); left_out:
+    what is in the work tree but could not go into it."""
+
+    diff: bytes
+    left_out: tuple[LeftOut, ...] = ()
 
 
 @dataclass(frozen=True)
 class Workspace:
     """repo: the user's work tree; root: the agent's; head: the user's HEAD commit; base: the
-    tree the agent started from (HEAD plus the user's uncommitted changes)."""
+    tree the agent started from (HEAD plus the user's uncommitted changes); left_out: what of the
+    user's work tree could not be copied (see `stage`)."""
 
     repo: Path
     root: Path
     head: str
     base: str
+    left_out: tuple[LeftOut, ...] = ()
 
     @classmethod
     def create(cls, repo: Path, root: Path, *, head: str | None = None, base: str | None = None) -> Workspace:
         """A new work tree at `root` (which must not exist) holding the current state of the user's
         repository, or, given `head` and `base` (a replay), that recorded state."""
         top = toplevel(repo)
+        left_out: list[LeftOut] = []
         if head is None or base is None:
-            head, base = snapshot(top)
+            head, base, left_out = snapshot(top)
         else:
             for name, kind in ((head, "commit"), (base, "tree")):
                 try:
@@ -111,25 +169,67 @@ class Workspace:
             target = _git_path(root, "info/exclude")
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(exclude, target)
-        return cls(top, root.resolve(), head, base)
+        return cls(top, root.resolve(), head, base, tuple(left_out))
 
-    def patch(self) -> str:
-        """The agent's changes as a binary git patch (empty when there are none)."""
-        git(self.root, "add", "--all", "--", ".", *JUNK)
+    def patch(self) -> Patch:
+        """The agent's changes, and what could not go into them."""
+        try:
+            own = Path(git(self.root, "rev-parse", "--show-toplevel").strip()) == self.root
+        except WorkspaceError:
+            own = False
+        if not own:  # git would work on a repository around it, or on none
+            raise WorkspaceError(f"{self.root} is no longer a git repository of its own (was its .git removed?)")
+        left_out = stage(self.root)
         tree = git(self.root, "write-tree").strip()
         # Plumbing, so the user's diff settings (no prefix, colour, external tools) cannot change it.
-        return git(self.root, "diff-tree", "-r", "-p", "--binary", "--full-index", self.base, tree)
+        diff = _git(self.root, "diff-tree", "-r", "-p", "--binary", "--full-index", self.base, tree)
+        return Patch(diff, tuple(left_out))
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def apply_patch(repo: Path, patch: str) -> None:
-    """Apply `patch` to the work tree of `repo` (not its index): all of it, or nothing at all
-    (WorkspaceError) when any part conflicts with what is there now."""
+def outside_symlinks(repo: Path, patch: bytes) -> list[str]:
+    """The symlinks `patch` makes — new, retargeted, or a file turned into one — that point out of
+    the repository (an absolute target, or one that climbs out with `..`), as "path -> target".
+    git reads the patch: it is applied to a temporary index of just the files it touches."""
     top = toplevel(repo)
+    with tempfile.TemporaryDirectory(prefix="v4agent-index-") as tmp:
+        index = Path(tmp) / "index"
+        try:
+            _git(top, "apply", f"--build-fake-ancestor={index}", "-", stdin=patch)
+            _git(top, "apply", "--cached", "-", stdin=patch, index=index)
+        except WorkspaceError as e:
+            raise WorkspaceError(f"cannot check where the patch's symlinks point, so nothing was changed.\n{e}"
+                                 ) from None
+        entries = _git(top, "ls-files", "-s", "-z", index=index)
+    outside = []
+    for entry in filter(None, entries.split(b"\0")):
+        meta, _, path = entry.partition(b"\t")
+        mode, blob, _ = meta.split(b" ")
+        if mode == b"120000":
+            target = _git(top, "cat-file", "blob", blob.decode())
+            resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+            if target.startswith(b"/") or resolved == b".." or resolved.startswith(b"../"):
+                outside.append(f"{shown(path)} -> {shown(target)}")
+    return outside
+
+
+def _refuse_outside_symlinks(repo: Path, patch: bytes) -> None:
+    if outside := outside_symlinks(repo, patch):
+        raise WorkspaceError("the patch makes symlinks that point outside the repository, so nothing was changed "
+                             "(--allow-outside-symlinks accepts them): " + ", ".join(outside))
+
+
+def apply_patch(repo: Path, patch: bytes, *, allow_outside_symlinks: bool = False) -> None:
+    """Apply `patch` to the work tree of `repo` (not its index): all of it, or nothing at all
+    (WorkspaceError) when any part conflicts with what is there now, or when it makes a symlink
+    that points out of the repository and `allow_outside_symlinks` is not set."""
+    top = toplevel(repo)
+    if not allow_outside_symlinks:
+        _refuse_outside_symlinks(top, patch)
     try:
-        git(top, "apply", "--whitespace=nowarn", "-", stdin=patch)
+        _git(top, "apply", "--whitespace=nowarn", "-", stdin=patch)
     except WorkspaceError as e:
         raise WorkspaceError(f"the patch does not apply to {top}; nothing was changed.\n{e}") from None
 
@@ -145,16 +245,20 @@ def check_new_branch(repo: Path, branch: str) -> None:
         raise WorkspaceError(f"branch {branch!r} already exists in {top}")
 
 
-def commit_branch(repo: Path, patch: str, branch: str, message: str) -> str:
+def commit_branch(repo: Path, patch: bytes, branch: str, message: str, *, allow_outside_symlinks: bool = False
+                  ) -> str:
     """Commit `patch` on top of HEAD as the new branch `branch`; returns the commit. The user's
-    work tree, index and current branch stay as they are."""
+    work tree, index and current branch stay as they are. Symlinks out of the repository are
+    refused as by `apply_patch`."""
     top = toplevel(repo)
+    if not allow_outside_symlinks:
+        _refuse_outside_symlinks(top, patch)
     head = git(top, "rev-parse", "--verify", "HEAD^{commit}").strip()
     with tempfile.TemporaryDirectory(prefix="v4agent-index-") as tmp:
         index = Path(tmp) / "index"
         git(top, "read-tree", head, index=index)
         try:
-            git(top, "apply", "--cached", "--whitespace=nowarn", "-", stdin=patch, index=index)
+            _git(top, "apply", "--cached", "--whitespace=nowarn", "-", stdin=patch, index=index)
         except WorkspaceError as e:
             raise WorkspaceError(f"the patch does not apply to HEAD (it may build on uncommitted changes; "
                                  f"use --apply instead).\n{e}") from None

@@ -25,7 +25,8 @@ app.command("replay")(replay_cmd)
 runner = CliRunner()
 ISSUE = "add(2, 3) returns -1 instead of 5"
 JSON_KEYS = {"patch", "stop", "turns", "tokens_in", "tokens_out", "cached_tokens", "context_tokens", "context_limit",
-             "summary", "error", "seconds", "trajectory", "patch_file", "applied", "branch", "commit", "refused"}
+             "summary", "error", "seconds", "trajectory", "patch_file", "applied", "branch", "commit", "refused",
+             "patch_error", "left_out", "work_kept"}
 
 
 @pytest.fixture
@@ -62,6 +63,7 @@ def test_fix_apply_passes_the_test_and_keeps_the_users_work(user: Path, script: 
     out = json.loads(result.stdout)
     assert set(out) == JSON_KEYS
     assert (out["stop"], out["turns"], out["applied"], out["refused"]) == ("submitted", 4, True, None)
+    assert (out["patch_error"], out["left_out"], out["work_kept"]) == (None, [], None)
     assert out["tokens_in"] > out["tokens_out"] > 0 and out["summary"] == "add adds; tests pass"
     assert "calc.py" in out["patch"] and "notes.txt" not in out["patch"] and "scratch" not in out["patch"]
 

@@ -48,7 +48,7 @@ def test_workspace_holds_head_plus_uncommitted_work_and_leaves_the_user_alone(re
     assert not (ws.root / "__pycache__").exists()  # junk is not the user's work
     assert (ws.root / ".git").is_dir()  # its own repository: the sandbox can make it read-only
     assert git(ws.root, "rev-parse", "HEAD") == before["head"]
-    assert ws.patch() == ""
+    assert ws.patch().diff == b"" and ws.left_out == ()
     ws.remove()
     assert not ws.root.exists()
 
@@ -60,9 +60,9 @@ def test_patch_has_the_agents_changes_only_and_applies_all_or_nothing(repo: Path
     (ws.root / "scratch.py").unlink()
     (ws.root / "data.bin").write_bytes(bytes(range(256)))
     subprocess.run(["python", "-c", "import calc"], cwd=ws.root, check=True)  # leaves __pycache__ behind
-    patch = ws.patch()
-    assert "calc.py" in patch and "new_module.py" in patch and "scratch.py" in patch and "GIT binary patch" in patch
-    assert "notes.txt" not in patch and "__pycache__" not in patch
+    patch = ws.patch().diff
+    assert b"calc.py" in patch and b"new_module.py" in patch and b"scratch.py" in patch and b"GIT binary patch" in patch
+    assert b"notes.txt" not in patch and b"__pycache__" not in patch
 
     # The user edits the same line meanwhile: refused, and nothing at all changes.
     (repo / "calc.py").write_text("def add(a, b):\n    return b - a\n")
@@ -86,7 +86,7 @@ def test_patch_has_the_agents_changes_only_and_applies_all_or_nothing(repo: Path
 def test_commit_branch_puts_the_patch_on_head_and_nothing_else(repo: Path, tmp_path: Path):
     ws = Workspace.create(repo, tmp_path / "work")
     (ws.root / "calc.py").write_text(FIXED)
-    patch = ws.patch()
+    patch = ws.patch().diff
     before = state(repo)
     commit = commit_branch(repo, patch, "agent/fix-add", "Fix add\n\nIt subtracted.\n")
     after = state(repo)
@@ -108,7 +108,7 @@ def test_a_patch_on_uncommitted_work_cannot_become_a_branch(repo: Path, tmp_path
     (ws.root / "notes.txt").write_text("notes\nthe user's unsaved thought, finished\n")
     before = state(repo)
     with pytest.raises(WorkspaceError, match="does not apply to HEAD"):
-        commit_branch(repo, ws.patch(), "agent/notes", "notes")
+        commit_branch(repo, ws.patch().diff, "agent/notes", "notes")
     assert state(repo) == before
 
 

@@ -5,28 +5,37 @@ and check the tools answer the same.
 Register with `app.command("fix")(fix.fix_cmd)` and `app.command("replay")(fix.replay_cmd)`.
 Exit codes: 0 with a patch (applied or committed when asked), 1 without one (or when applying or
 committing it was refused), 2 for usage and configuration errors.
+
+Whatever the model, a tool or the repository wrote reaches the terminal through `visible` and
+never as rich markup; the patch itself goes to stdout as is unless stdout is a terminal.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import signal
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 
-from agent.cli.common import fail
+from agent.cli.common import fail, visible
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.text import Text
 
     from agent.backends import Backend
     from agent.loop import AgentConfig, RunResult
     from agent.settings import Settings
     from agent.trajectory import Trajectory
+    from agent.workspace import LeftOut, Workspace
     from runtime.tokenizer import Tokenizer
     from tools.base import Settings as ToolSettings
 
@@ -47,6 +56,9 @@ def fix_cmd(
     max_turns: int | None = typer.Option(None, "--max-turns", min=1, help="Stop after this many model turns."),
     apply: bool = typer.Option(False, "--apply", help="Apply the patch to the repository's work tree."),
     branch: str | None = typer.Option(None, "--branch", help="Commit the patch on top of HEAD as this new branch."),
+    allow_outside_symlinks: bool = typer.Option(
+        False, "--allow-outside-symlinks",
+        help="Let --apply and --branch bring in symlinks that point outside the repository (refused otherwise)."),
     patch_out: Path | None = typer.Option(None, "--patch-out", help="Also write the patch to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the patch."),
     weights: str | None = typer.Option(None, "--weights", help="A DeepSeek-V4 checkpoint directory, run in-process."),
@@ -56,7 +68,11 @@ def fix_cmd(
     model: str | None = typer.Option(None, "--model", help="The model name the endpoint serves."),
     script: str | None = typer.Option(None, "--script", help="A JSON/JSONL file of scripted model turns."),
 ) -> None:
-    """Fix an issue: the agent works in a private copy, you get a patch."""
+    """Fix an issue: the agent works in a private copy, you get a patch.
+
+    The patch goes to stdout exactly as made when stdout is a file or a pipe (`> fix.diff` is a
+    valid patch); on a terminal, control characters in it are shown as escapes (\\x1b).
+    """
     from agent.backends import BackendError
     from agent.backends.scripted import ScriptError
     from agent.settings import SettingsError, load_settings
@@ -106,25 +122,35 @@ def fix_cmd(
         raise fail(str(e)) from None
     run = _run(backend, tokenizer, top, text, _config(settings), _tool_settings(settings), console)
 
+    patch = run.saved.patch
     totals = {k: v for k, v in run.result.to_dict().items() if k != "seconds"}  # the loop's; ours covers it all
-    out: dict[str, Any] = {"patch": run.patch, **totals, "seconds": round(time.perf_counter() - started, 3),
+    # JSON holds text: bytes that are not UTF-8 become \udc80-\udcff (Python's surrogateescape).
+    out: dict[str, Any] = {"patch": patch.decode("utf-8", "surrogateescape"), **totals,
+                           "seconds": round(time.perf_counter() - started, 3),
                            "trajectory": str(run.dir / "trajectory.jsonl"), "patch_file": str(run.dir / "patch.diff"),
-                           "applied": False, "branch": None, "commit": None, "refused": None}
+                           "applied": False, "branch": None, "commit": None, "refused": None,
+                           "patch_error": run.saved.error, "left_out": _left_out(run.saved.left_out),
+                           "work_kept": str(run.saved.kept) if run.saved.kept else None}
     if patch_out is not None:
-        patch_out.write_text(run.patch, encoding="utf-8")
+        try:
+            patch_out.write_bytes(patch)
+        except OSError as e:
+            raise fail(f"cannot write {patch_out}: {e.strerror or e}; the patch is in {run.dir / 'patch.diff'}"
+                       ) from None
         out["patch_file"] = str(patch_out)
-    if run.patch and (apply or branch):
-        out.update(_deliver(top, run, text, apply, branch))
-    run.trajectory.write({"type": "patch", "bytes": len(run.patch),
-                          **{k: out[k] for k in ("patch_file", "applied", "branch", "commit", "refused")}})
+    if patch and (apply or branch):
+        out.update(_deliver(top, patch, run.result.summary, text, apply, branch, allow_outside_symlinks))
+    run.trajectory.write({"type": "patch", "bytes": len(patch),
+                          **{k: out[k] for k in ("patch_file", "applied", "branch", "commit", "refused", "patch_error",
+                                                 "left_out", "work_kept")}})
 
     if as_json:
         typer.echo(json.dumps(out))
     else:
-        if run.patch:
-            typer.echo(run.patch, nl=False)
+        if patch:
+            _print_patch(patch)
         _report(console, out)
-    raise typer.Exit(0 if run.patch and not out["refused"] else 1)
+    raise typer.Exit(0 if patch and not out["refused"] else 1)
 
 
 def replay_cmd(
@@ -135,34 +161,36 @@ def replay_cmd(
     """Replay a saved run: its model turns again, on a fresh copy; do the tools answer the same?"""
     from agent.backends.scripted import ScriptedBackend
     from agent.loop import AgentConfig
+    from agent.settings import SettingsError, load_settings
     from agent.trajectory import TrajectoryError, read_trajectory
     from agent.workspace import WorkspaceError, toplevel
     from runtime.tokenizer import load_tokenizer
-    from tools.base import Settings as ToolSettings
 
     try:
+        # The sandbox and every limit come from your settings, never from the file: a shared
+        # trajectory could say anything. Only the modes the recorded turns answered are its own.
+        settings = load_settings()
         records = read_trajectory(trajectory)
         header = records[0]
-        config = AgentConfig(**header["config"])
-        tool_settings = ToolSettings(**header["tool_settings"])
+        recorded = AgentConfig(**header["config"])
         top = toplevel(repo or Path(header["repo"]))
-    except (TrajectoryError, WorkspaceError) as e:
+        turns = [r for r in records if r["type"] == "turn"]
+        backend = ScriptedBackend([{"completion": t["completion"]} for t in turns], header["context_limit"],
+                                  source=str(trajectory))
+        issue, base = header["issue"], (header["head"], header["base"])
+    except (SettingsError, TrajectoryError, WorkspaceError) as e:
         raise fail(str(e)) from None
     except (KeyError, TypeError) as e:
         raise fail(f"{trajectory}: the run record lacks or mangles {e}") from None
-    turns = [r for r in records if r["type"] == "turn"]
-    backend = ScriptedBackend([{"completion": t["completion"]} for t in turns], header["context_limit"],
-                              source=str(trajectory))
-    console = _console()
-    run = _run(backend, load_tokenizer(), top, header["issue"], config, tool_settings, console,
-               recorded=(header["head"], header["base"]))
+    config = replace(_config(settings), think=recorded.think, effort_profile=recorded.effort_profile)
+    run = _run(backend, load_tokenizer(), top, issue, config, _tool_settings(settings), _console(), recorded=base)
 
     replayed = [r for r in read_trajectory(run.dir / "trajectory.jsonl") if r["type"] == "turn"]
     roots = (header.get("workdir", ""), str(run.workdir))
     mismatches, compared = _compare(turns, replayed, roots)
     recorded_end = next((r for r in records if r["type"] == "end"), {})
     recorded_patch = trajectory.parent / "patch.diff"
-    patch_matches = run.patch == recorded_patch.read_text(encoding="utf-8") if recorded_patch.is_file() else None
+    patch_matches = run.saved.patch == recorded_patch.read_bytes() if recorded_patch.is_file() else None
     out = {"trajectory": str(trajectory), "replay": str(run.dir / "trajectory.jsonl"), "turns": len(turns),
            "results": compared, "matched": compared - len(mismatches), "mismatches": mismatches,
            "stop": {"recorded": recorded_end.get("stop"), "replayed": run.result.stop},
@@ -170,21 +198,32 @@ def replay_cmd(
     if as_json:
         typer.echo(json.dumps(out))
     else:
-        typer.echo(f"{out['matched']} of {compared} tool results match over {len(turns)} turns; "
-                   f"stop {out['stop']['recorded']} -> {out['stop']['replayed']}; patch "
-                   f"{ {True: 'matches', False: 'differs', None: 'not recorded'}[out['patch_matches']] }")
+        typer.echo(visible(f"{out['matched']} of {compared} tool results match over {len(turns)} turns; "
+                           f"stop {out['stop']['recorded']} -> {out['stop']['replayed']}; patch "
+                           f"{ {True: 'matches', False: 'differs', None: 'not recorded'}[out['patch_matches']] }"))
         for m in mismatches:
-            typer.echo(f"\nturn {m['turn']}, call {m['call']} ({m['tool']}):\n  recorded: {m['recorded'][:300]!r}"
-                       f"\n  replayed: {m['replayed'][:300]!r}")
+            typer.echo(visible(f"\nturn {m['turn']}, call {m['call']} ({m['tool']}):\n  recorded: "
+                               f"{m['recorded'][:300]!r}\n  replayed: {m['replayed'][:300]!r}"))
     raise typer.Exit(0 if not mismatches else 1)
 
 
 # ---- one run, shared by fix and replay ----------------------------------------------------
 
 @dataclass
+class _Saved:
+    """What the run left: the patch; what could not go into it; the agent's copy when it was kept
+    because the patch does not hold all of its work; why there is no patch, if there is none."""
+
+    patch: bytes
+    left_out: tuple[LeftOut, ...]
+    kept: Path | None
+    error: str | None
+
+
+@dataclass
 class _Run:
     result: RunResult
-    patch: str
+    saved: _Saved
     dir: Path
     workdir: Path
     trajectory: Trajectory
@@ -192,7 +231,9 @@ class _Run:
 
 def _run(backend: Backend, tokenizer: Tokenizer, top: Path, issue: str, config: AgentConfig,
          tool_settings: ToolSettings, console: Console, recorded: tuple[str, str] | None = None) -> _Run:
-    """Workspace, pack, loop, patch; the workspace is removed whatever happens, the patch kept."""
+    """Workspace, pack, loop, patch; the patch is saved whatever ends the run (SIGTERM as Ctrl-C)."""
+    from rich.text import Text
+
     from agent.loop import Agent
     from agent.pack import PackError, pack_repository
     from agent.trajectory import Trajectory, new_run_dir
@@ -200,78 +241,144 @@ def _run(backend: Backend, tokenizer: Tokenizer, top: Path, issue: str, config: 
 
     run_dir = new_run_dir()
     trajectory = Trajectory(run_dir / "trajectory.jsonl")
-    console.print(f"[dim]run {run_dir.name}: trajectory {trajectory.path}[/dim]", highlight=False)
+    console.print(Text(visible(f"run {run_dir.name}: trajectory {trajectory.path}"), style="dim"), soft_wrap=True)
     try:
         head, base = recorded or (None, None)
         workspace = Workspace.create(top, run_dir / "work", head=head, base=base)
     except WorkspaceError as e:
         raise fail(str(e)) from None
+    if workspace.left_out:
+        console.print(_left_out_note("not copied into the agent's work tree", _left_out(workspace.left_out)),
+                      soft_wrap=True)
     view = LiveView(console)
-    try:
-        agent = Agent(backend, tokenizer, workspace.root, config=config, tool_settings=tool_settings,
-                      trajectory=trajectory, listener=view)
-        trajectory.write({"type": "run", "version": 1, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                          "repo": str(workspace.repo), "head": workspace.head, "base": workspace.base,
-                          "workdir": str(workspace.root), "issue": issue, "backend": backend.describe(),
-                          "context_limit": backend.context_limit, "config": asdict(config),
-                          "tool_settings": asdict(tool_settings), "tools": [t.name for t in agent.tools]})
-        budget = agent.repository_budget(issue)
-        if budget < 1:
-            raise fail(f"the model's context ({backend.context_limit:,} tokens) leaves no room for the repository")
-        view.start()
+    with _terminate_as_interrupt():
         try:
-            packed = pack_repository(workspace.root, budget=budget, issue=issue, tokenizer=tokenizer,
-                                     progress=view.stage)
-        except PackError as e:
-            raise fail(str(e)) from None
+            agent = Agent(backend, tokenizer, workspace.root, config=config, tool_settings=tool_settings,
+                          trajectory=trajectory, listener=view)
+            trajectory.write({"type": "run", "version": 1, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                              "repo": str(workspace.repo), "head": workspace.head, "base": workspace.base,
+                              "workdir": str(workspace.root), "left_out": _left_out(workspace.left_out),
+                              "issue": issue, "backend": backend.describe(), "context_limit": backend.context_limit,
+                              "config": asdict(config), "tool_settings": asdict(tool_settings),
+                              "tools": [t.name for t in agent.tools]})
+            budget = agent.repository_budget(issue)
+            if budget < 1:
+                raise fail(f"the model's context ({backend.context_limit:,} tokens) leaves no room for the repository")
+            view.start()
+            try:
+                packed = pack_repository(workspace.root, budget=budget, issue=issue, tokenizer=tokenizer,
+                                         progress=view.stage)
+            except PackError as e:
+                raise fail(str(e)) from None
+            finally:
+                view.stop()
+            trajectory.write({"type": "pack", "budget": budget, "tokens": packed.total_tokens,
+                              **{f"files_{mode}": len(packed.by_mode(mode))
+                                 for mode in ("full", "outlined", "dropped")}})
+            result = agent.run(issue, packed)
         finally:
             view.stop()
-        trajectory.write({"type": "pack", "budget": budget, "tokens": packed.total_tokens,
-                          **{f"files_{mode}": len(packed.by_mode(mode)) for mode in ("full", "outlined", "dropped")}})
-        result = agent.run(issue, packed)
+            # Even on a crash or Ctrl-C during setup, the work so far is saved before the copy goes.
+            saved = _save(workspace, run_dir, console)
+    return _Run(result, saved, run_dir, workspace.root, trajectory)
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a cancelled CI job, `kill`, a timeout) ends the run as Ctrl-C does: the loop stops
+    where it is and the patch is saved."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
     finally:
-        view.stop()
-        # Even on a crash or Ctrl-C during setup, the work so far is saved before the copy goes.
-        try:
-            patch = workspace.patch()
-            (run_dir / "patch.diff").write_text(patch, encoding="utf-8")
-        finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _save(workspace: Workspace, run_dir: Path, console: Console) -> _Saved:
+    """The patch, saved as patch.diff; then the agent's copy is removed — only once all its work is
+    in the patch. When something could not go in, or no patch could be made, or saving it was
+    interrupted, the copy stays where it is, and that is said."""
+    from rich.text import Text
+
+    from agent.workspace import WorkspaceError
+
+    saved = None
+    try:
+        patch = workspace.patch()
+        (run_dir / "patch.diff").write_bytes(patch.diff)
+        saved = _Saved(patch.diff, patch.left_out, workspace.root if patch.left_out else None, None)
+    except (WorkspaceError, OSError) as e:
+        saved = _Saved(b"", (), workspace.root, f"no patch could be made: {e}")
+    finally:
+        if saved is not None and saved.kept is None:
             workspace.remove()
-    return _Run(result, patch, run_dir, workspace.root, trajectory)
+        else:
+            console.print(Text(visible(f"the agent's work tree is kept: {workspace.root}"), style="yellow"),
+                          soft_wrap=True)
+    return saved
 
 
-def _deliver(top: Path, run: _Run, issue: str, apply: bool, branch: str | None) -> dict[str, Any]:
+def _left_out(left_out: tuple[LeftOut, ...]) -> list[dict[str, str]]:
+    return [{"path": path, "reason": reason} for path, reason in left_out]
+
+
+def _left_out_note(what: str, left_out: list[dict[str, str]]) -> Text:
+    from rich.text import Text
+
+    lines = [f"{what}:"] + [f"  {x['path']} ({x['reason']})" for x in left_out]
+    return Text(visible("\n".join(lines)), style="yellow")
+
+
+def _print_patch(patch: bytes) -> None:
+    """The patch on stdout: as made into a file or a pipe, so it stays a valid patch; with control
+    characters shown as escapes on a terminal, where they would act instead of showing."""
+    if sys.stdout.isatty():
+        typer.echo(visible(patch.decode("utf-8", "surrogateescape")), nl=False)
+    else:
+        typer.echo(patch, nl=False)  # bytes are written as they are
+
+
+def _deliver(top: Path, patch: bytes, summary: str | None, issue: str, apply: bool, branch: str | None,
+             allow_outside_symlinks: bool) -> dict[str, Any]:
     """Apply the patch or commit it on a new branch; what happened, for the output."""
     from agent.workspace import WorkspaceError, apply_patch, commit_branch
 
     try:
         if apply:
-            apply_patch(top, run.patch)
+            apply_patch(top, patch, allow_outside_symlinks=allow_outside_symlinks)
             return {"applied": True}
         assert branch is not None
         title = issue.strip().splitlines()[0][:72]
-        message = f"v4agent: {title}\n\n{run.result.summary}\n" if run.result.summary else f"v4agent: {title}\n"
-        return {"branch": branch, "commit": commit_branch(top, run.patch, branch, message)}
+        message = f"v4agent: {title}\n\n{summary}\n" if summary else f"v4agent: {title}\n"
+        return {"branch": branch, "commit": commit_branch(top, patch, branch, message,
+                                                          allow_outside_symlinks=allow_outside_symlinks)}
     except WorkspaceError as e:
         return {"refused": str(e)}
 
 
 def _report(console: Console, out: dict[str, Any]) -> None:
+    from rich.text import Text
+
     lines = [f"stopped: {out['stop']} after {out['turns']} turns"
              + (f" ({out['error']})" if out["error"] else ""),
              f"tokens: {out['tokens_in']:,} in ({out['cached_tokens']:,} cached), {out['tokens_out']:,} out; "
              f"context {out['context_tokens']:,} of {out['context_limit']:,}; {out['seconds']:.1f} s",
              f"trajectory: {out['trajectory']}",
-             f"patch: {out['patch_file']}" if out["patch"] else "no changes",
+             f"patch: {out['patch_file']}" if out["patch"] else out["patch_error"] or "no changes",
              ]
     if out["applied"]:
         lines.append("patch applied to the work tree")
     if out["commit"]:
         lines.append(f"committed {out['commit'][:12]} on new branch {out['branch']}")
-    if out["refused"]:
-        lines.append(f"[red]not delivered:[/red] {out['refused']}")
     for line in lines:
-        console.print(line, highlight=False)
+        console.print(Text(visible(line)), soft_wrap=True)
+    if out["refused"]:
+        console.print(Text.assemble(("not delivered: ", "red"), visible(out["refused"])), soft_wrap=True)
+    if out["left_out"]:
+        console.print(_left_out_note("left out of the patch", out["left_out"]), soft_wrap=True)
 
 
 def _compare(recorded: list[dict[str, Any]], replayed: list[dict[str, Any]],
@@ -347,7 +454,8 @@ def _console() -> Console:
 
 class LiveView:
     """Shows a run on stderr as it happens: progress bars (packing, prefill; terminals only),
-    reasoning dim, the answer, each tool call with the start of its result, tokens per turn."""
+    reasoning dim, the answer, each tool call with the start of its result, tokens per turn.
+    Text from the model and the tools goes through `visible` and is never read as markup."""
 
     def __init__(self, console: Console) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -376,6 +484,8 @@ class LiveView:
         self.progress.update(self._tasks[name], completed=done, total=total)
 
     def __call__(self, event: object) -> None:
+        from rich.text import Text
+
         from agent.backends import Prefill
         from agent.dsml import ContentDelta, ReasoningDelta
         from agent.loop import ToolRan, TurnFinished, TurnStarted
@@ -393,13 +503,15 @@ class LiveView:
                               f"tokens ({share:.1%})", style="dim")
         elif isinstance(event, ToolRan):
             self._end_line()
-            self.console.print(f"[bold]→ {event.name}[/bold]({_short_arguments(event.arguments)})", highlight=False)
-            self.console.out(_excerpt(event.result.output), style="" if event.result.ok else "red", highlight=False)
+            self.console.print(Text.assemble((visible(f"→ {event.name}"), "bold"),
+                                             visible(f"({_short_arguments(event.arguments)})")))
+            self.console.out(visible(_excerpt(event.result.output)), style="" if event.result.ok else "red",
+                             highlight=False)
         elif isinstance(event, TurnFinished):
             self._end_line()
             s = event.stats
-            self.console.print(f"[dim]{s.prompt_tokens:,} tokens in ({s.cached_tokens:,} cached), "
-                               f"{s.output_tokens:,} out, {s.seconds:.1f} s[/dim]", highlight=False)
+            self.console.print(Text(f"{s.prompt_tokens:,} tokens in ({s.cached_tokens:,} cached), "
+                                    f"{s.output_tokens:,} out, {s.seconds:.1f} s", style="dim"))
 
     def _prefill(self, done: int, total: int) -> None:
         if done == 0:
@@ -410,7 +522,7 @@ class LiveView:
             self.stop()
 
     def _stream(self, text: str, style: str) -> None:
-        self.console.out(text, style=style or None, end="", highlight=False)
+        self.console.out(visible(text), style=style or None, end="", highlight=False)
         self._open_line = not text.endswith("\n")
 
     def _end_line(self) -> None:
