@@ -70,8 +70,7 @@ def fix_cmd(
 ) -> None:
     """Fix an issue: the agent works in a private copy, you get a patch.
 
-    The patch goes to stdout exactly as made when stdout is a file or a pipe (`> fix.diff` is a
-    valid patch); on a terminal, control characters in it are shown as escapes (\\x1b).
+    Into a file or a pipe the patch is written as made; on a terminal, control characters show as escapes (\\x1b).
     """
     from agent.backends import BackendError
     from agent.backends.scripted import ScriptError
