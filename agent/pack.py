@@ -19,6 +19,9 @@ priority, each when it still fits (within a step, most relevant first, then chea
   5. full text of the other non-test files, then 6. of tests.
 Whatever is left is dropped.
 
+Files that look like secrets (agent/pack_files.py: keys, tokens, .env files) are left out and
+listed, unless the caller passes include_secrets=True: the prompt may go to a remote endpoint.
+
 Token ids of file contents and outlines are cached on disk by git blob id (agent/pack_cache.py):
 packing again after an edit tokenizes only the edited file.
 """
@@ -38,6 +41,7 @@ from agent.outline import language_of, outline
 from agent.pack_cache import TokenStore, cache_root, fingerprint
 from agent.pack_files import (
     MAX_FILE_BYTES,
+    SECRET_RULES_VERSION,
     PackError,
     RepoFile,
     blob_id,
@@ -45,6 +49,8 @@ from agent.pack_files import (
     is_test_path,
     list_files,
     open_repo,
+    secret_content_reason,
+    secret_name_reason,
     work_tree,
 )
 from agent.relevance import DIRECT, score_files
@@ -107,12 +113,15 @@ class PackStats:
 @dataclass
 class PackResult:
     """A packed repository. `files` holds the prompt's files in order, then the dropped ones
-    by path; `skipped` the files filtered out, with the reason."""
+    by path; `skipped` the files filtered out, with the reason; `secrets` the files that look
+    like secrets, with the reason: left out unless `secrets_included`."""
 
     root: Path
     budget: int
     files: list[PackedFile]
     skipped: list[tuple[str, str]]
+    secrets: list[tuple[str, str]]
+    secrets_included: bool
     stats: PackStats
     _store: TokenStore = field(repr=False)
     _path_ids: dict[str, list[int]] = field(repr=False)
@@ -178,13 +187,15 @@ class _Candidate:
 
 def pack_repository(path: Path, *, budget: int = DEFAULT_BUDGET, issue: str | None = None,
                     tokenizer: PackTokenizer | None = None, progress: Progress | None = None,
-                    cache_dir: Path | None = None, max_file_bytes: int = MAX_FILE_BYTES) -> PackResult:
+                    cache_dir: Path | None = None, max_file_bytes: int = MAX_FILE_BYTES,
+                    include_secrets: bool = False) -> PackResult:
     """Pack the git work tree holding `path` into at most `budget` tokens.
 
     issue: the task text; with it, files it points at are preferred when the repository does
     not fit. tokenizer: the V4 tokenizer by default. cache_dir: the cache root (default
-    `$V4AGENT_CACHE` or ~/.cache/v4agent). Raises PackError (a ValueError) when `path` is not in
-    a git work tree.
+    `$V4AGENT_CACHE` or ~/.cache/v4agent). include_secrets: pack files that look like secrets
+    too (they are listed in `secrets` either way). Raises PackError (a ValueError) when `path`
+    is not in a git work tree.
     """
     start = time.perf_counter()
     if budget < 1:
@@ -198,6 +209,9 @@ def pack_repository(path: Path, *, budget: int = DEFAULT_BUDGET, issue: str | No
     root = work_tree(repo)
     files, skipped = list_files(repo, max_file_bytes)
     store = TokenStore((cache_dir or cache_root()) / "pack" / f"tokenizer-{fingerprint(tokenizer.path)}")
+    secrets = _secrets(root, files, store)
+    if not include_secrets:
+        files = [f for f in files if f.path not in secrets]
 
     candidates, tokenized = _tokenize_contents(root, files, store, tokenizer, skipped, report)
     paths = [c.file.path for c in candidates]
@@ -218,7 +232,8 @@ def pack_repository(path: Path, *, budget: int = DEFAULT_BUDGET, issue: str | No
     packed.sort(key=lambda f: (f.mode == "dropped", f.mode != "dropped" and f.changed, f.path))
     markers = tuple(tokenizer.token_to_id(t) for t in (FILE_NAME_BEGIN, FILE_NAME_END, FILE_BEGIN, FILE_END))
     return PackResult(
-        root=root, budget=budget, files=packed, skipped=sorted(skipped),
+        root=root, budget=budget, files=packed, skipped=sorted(skipped), secrets=sorted(secrets.items()),
+        secrets_included=include_secrets,
         stats=PackStats(tokenized, outlined, time.perf_counter() - start),
         _store=store, _path_ids=path_ids,
         _outlines={c.file.path: (c.outline_text, c.outline_key) for c in candidates if c.outline_key},
@@ -228,6 +243,26 @@ def pack_repository(path: Path, *, budget: int = DEFAULT_BUDGET, issue: str | No
 
 def _packed(c: _Candidate, mode: Mode) -> PackedFile:
     return PackedFile(c.file.path, mode, _cost(c, mode), c.full, c.outlined, c.file.blob, c.file.changed, c.score)
+
+
+def _secrets(root: Path, files: Sequence[RepoFile], store: TokenStore) -> dict[str, str]:
+    """{path: why it looks like a secret}. Names count for files that differ from HEAD (a file as
+    committed is already shared with whoever has the repository: a committed `.env.example` is
+    fine); content counts for every file, its verdict cached per blob."""
+    found: dict[str, str] = {}
+    for f in files:
+        reason = secret_name_reason(f.path) if f.changed else None
+        if reason is None:
+            key = f"{f.blob}.secret-{SECRET_RULES_VERSION}"
+            cached = store.load_json(key)
+            if isinstance(cached, dict) and "reason" in cached:
+                reason = cached["reason"]
+            else:
+                reason = secret_content_reason((root / f.path).read_bytes())
+                store.save_json(key, {"reason": reason})
+        if reason:
+            found[f.path] = reason
+    return found
 
 
 def _batches(items: Sequence[Any], sizes: Sequence[int]) -> list[list[Any]]:

@@ -165,3 +165,157 @@ def test_rust_regex_syntax_errors_are_clear(repo: Path):
 def test_rg_is_installed_with_the_package():
     assert os.access(tools.search.ripgrep(), os.X_OK)
     assert Path(tools.search.ripgrep()).parent == Path(sys.executable).parent
+
+
+# Secrets: real-looking values, made up here (random letters and digits of each format).
+GITHUB_TOKEN = "ghp_" + "Ab3dE6gH9jK2mN5pQ8sT1vW4yZ7bC0eF3hJ6"
+AWS_KEY_ID = "AKIA" + "Q3ZT7XK2M9WB4RLP"
+OPENAI_KEY = "sk-" + "Zt8qP3xL7vM2nB6cR1wK9yH4"
+PRIVATE_KEY = ("-----BEGIN OPENSSH PRIVATE KEY-----\n"
+               "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n"
+               "-----END OPENSSH PRIVATE KEY-----\n")
+UNTRACKED_SECRETS = {
+    ".env": "DATABASE_URL=postgres://app:hunter2@db/app\n",  # no pattern: caught by its name
+    "deploy/.env.production": "DEBUG=0\n",
+    "certs/server.pem": "not even a key\n",
+    "id_rsa": PRIVATE_KEY,
+    ".npmrc": "//registry.npmjs.org/:_authToken=npm_" + "aB3dE6gH9jK2mN5pQ8sT1vW4yZ7bC0eF3hJ6" + "\n",
+    "notes.txt": f"the bot's token: {GITHUB_TOKEN}\n",  # no name rule: caught by its content
+}
+UNTRACKED_FINE = {
+    "id_rsa.pub": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG9 user@host\n",
+    "config.env.example": "OPENAI_API_KEY=sk-your-api-key-goes-here-please\n",
+    "app.py": "import os\nKEY = os.environ['OPENAI_API_KEY']\n",
+}
+TRACKED = {
+    # as committed, already shared with whoever has the repository: only the content counts
+    ".env.example": "OPENAI_API_KEY=sk-xxxxxxxxxxxxxxxxxxxxxxxxxxxx\nAWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE\n",
+    ".env": "DEBUG=1\n",
+    ".npmrc": "//registry.npmjs.org/:_authToken=${NPM_TOKEN}\n",
+    "settings.py": f"AWS_ACCESS_KEY_ID = '{AWS_KEY_ID}'\n",  # a real-looking key committed: still a secret
+    "crypto.py": 'BEGIN = b"-----BEGIN OPENSSH PRIVATE KEY-----"\nEND = b"-----END OPENSSH PRIVATE KEY-----"\n',
+    "src/client.py": f"DEFAULT = '{OPENAI_KEY}'\n",
+}
+EXPECTED_SECRETS = [
+    (".env", "name .env"), (".npmrc", "name .npmrc"), ("certs/server.pem", "name *.pem"),
+    ("deploy/.env.production", "name .env.*"), ("id_rsa", "name id_rsa"), ("notes.txt", "content: GitHub token"),
+    ("settings.py", "content: AWS access key id"), ("src/client.py", "content: API key sk-…"),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from runtime.tokenizer import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture
+def leaky(tmp_path: Path) -> Path:
+    root = tmp_path / "leaky"
+    root.mkdir()
+    git(root, "init", "-q")
+    for files in (TRACKED, UNTRACKED_SECRETS, UNTRACKED_FINE):
+        for name, content in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(content)
+        if files is TRACKED:
+            git(root, "add", ".")
+            git(root, "commit", "-q", "-m", "init")
+    return root
+
+
+def test_secrets_are_left_out_and_listed(leaky: Path, tokenizer, tmp_path: Path):
+    from agent.pack import pack_repository
+
+    result = pack_repository(leaky, tokenizer=tokenizer, cache_dir=tmp_path / "cache")
+    assert result.secrets == EXPECTED_SECRETS and not result.secrets_included
+    packed = {f.path for f in result.files}
+    assert packed == {".env.example", "app.py", "config.env.example", "crypto.py", "id_rsa.pub"}
+    text = result.text()
+    for value in ("hunter2", GITHUB_TOKEN, AWS_KEY_ID, OPENAI_KEY, "OPENSSH PRIVATE KEY-----\nb3Blbn", "npm_aB3"):
+        assert value not in text
+    assert result.ids() == tokenizer.encode(text)
+    # The verdicts come from the cache the second time, and still hold.
+    again = pack_repository(leaky, tokenizer=tokenizer, cache_dir=tmp_path / "cache")
+    assert again.secrets == EXPECTED_SECRETS and {f.path for f in again.files} == packed
+
+
+def test_include_secrets_is_the_only_way_to_send_them(leaky: Path, tokenizer, tmp_path: Path):
+    from agent.pack import pack_repository
+
+    cache = tmp_path / "cache"
+    everything = pack_repository(leaky, tokenizer=tokenizer, cache_dir=cache, include_secrets=True)
+    assert everything.secrets == EXPECTED_SECRETS and everything.secrets_included
+    assert {path for path, _ in EXPECTED_SECRETS} <= {f.path for f in everything.files}
+    assert GITHUB_TOKEN in everything.text()
+    # Token ids cached by that pack do not let the secrets back in.
+    default = pack_repository(leaky, tokenizer=tokenizer, cache_dir=cache)
+    assert GITHUB_TOKEN not in default.text() and len(default.files) == 5
+
+
+def test_edited_tracked_file_is_checked_by_name(leaky: Path, tokenizer, tmp_path: Path):
+    from agent.pack import pack_repository
+
+    (leaky / ".env").write_text("DEBUG=1\nDB_PASSWORD=correct-horse\n")  # the committed .env, edited
+    result = pack_repository(leaky, tokenizer=tokenizer, cache_dir=tmp_path / "cache")
+    assert (".env", "name .env") in result.secrets and "correct-horse" not in result.text()
+
+
+def test_secret_patterns_and_names():
+    from agent.pack_files import secret_content_reason, secret_name_reason
+
+    found = {
+        "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-256-CBC,96F5\n\n"
+        "MIIEowIBAAKCAQEAvK7xV5rZz0mJ1Lr2Jn3aT6uVq8bW0cY1dE2fG3hI4jK5lM6nO7pQ\n": "private key",
+        '{"private_key": "-----BEGIN PRIVATE KEY-----\\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIB\\n"}':
+            "private key",
+        "aws_access_key_id = ASIA" + "Q3ZT7XK2M9WB4RLP": "AWS access key id",
+        "token: github_pat_" + "11AB3DE6GH9JK2MN5PQ8ST_1vW4yZ7bC0eF3hJ6kL9nP2rS5uV8xA1": "GitHub token",
+        "SLACK=xoxb-" + "1234567890-abcdefGHIJ": "Slack token",
+        "key = 'sk-proj-" + "Zt8qP3xL7vM2nB6cR1wK9yH4'": "API key sk-…",
+        "STRIPE=sk_live_" + "4eC39HqLyjWDarjtT1zdp7dc": "Stripe key",
+        "password = pypi-AgE" + "IcHlwaS5vcmcCJDk2ZjQ1ZGNmLTk3YjYtNDk0ZS1hYTU4LWI4MDAyZjZkNjY3OQAC": "PyPI token",
+        "HF_TOKEN=hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGh": "Hugging Face token",
+        "glpat-" + "Xy7Zk2Lm9Qp4Rs8Tv1Wn": "GitLab token",
+    }
+    for text, what in found.items():
+        assert secret_content_reason(text.encode()) == f"content: {what}", text
+    for text in ["sk-your-api-key-goes-here-please", "sk-" + "x" * 40, "AWS_ACCESS_KEY_ID=AKIAIOSFODNN7EXAMPLE",
+                 "_authToken=${NPM_TOKEN}", "this._authToken = token;", "task-" + "Zt8qP3xL7vM2nB6cR1wK9yH4",
+                 'MARKER = "-----BEGIN PRIVATE KEY-----"', "hf_" + "modelconfigurationforpretrainedmo",
+                 "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG9", "DATABASE_URL=postgres://localhost/app"]:
+        assert secret_content_reason(text.encode()) is None, text
+    names = {"a/.env": ".env", ".env.local": ".env.*", "prod.env": "*.env", "tls/key.pem": "*.pem",
+             "server.key": "*.key", "cert.P12": "*.p12", "id_ed25519": "id_ed25519", ".pypirc": ".pypirc",
+             ".netrc": ".netrc", ".git-credentials": ".git-credentials", "gcp/credentials.json": "credentials.json",
+             "release.keystore": "*.keystore", ".htpasswd": ".htpasswd", "secrets.yaml": "secrets.yaml",
+             "terraform.tfstate": "*.tfstate"}
+    for path, glob in names.items():
+        assert secret_name_reason(path) == f"name {glob}", path
+    for path in [".env.example", ".env.sample", "id_rsa.pub", "environment.py", "secrets.py", "keys.py",
+                 "credentials.json.template", "README.md"]:
+        assert secret_name_reason(path) is None, path
+
+
+def test_pack_cli_lists_secrets(leaky: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from agent.cli.pack import pack_cmd
+
+    monkeypatch.setenv("V4AGENT_CACHE", str(tmp_path / "cache"))
+    app = typer.Typer()
+    app.command("pack")(pack_cmd)
+    app.callback()(lambda: None)
+    summary = json.loads(CliRunner().invoke(app, ["pack", str(leaky), "--json"]).stdout)
+    assert summary["files_secret"] == 8 and summary["secrets_included"] is False
+    assert summary["secrets"] == [{"path": p, "reason": r} for p, r in EXPECTED_SECRETS]
+    assert not {p for p, _ in EXPECTED_SECRETS} & {f["path"] for f in summary["files"]}
+    report = CliRunner().invoke(app, ["pack", str(leaky), "--limit", "1"]).stdout.splitlines()
+    at = report.index("secrets: 8 files look like secrets, left out (--include-secrets packs them)")
+    assert report[at + 1:] == [f"  {p}  ({r})" for p, r in EXPECTED_SECRETS]
+    included = json.loads(CliRunner().invoke(app, ["pack", str(leaky), "--json", "--include-secrets"]).stdout)
+    assert included["secrets_included"] is True and included["files_full"] == 13

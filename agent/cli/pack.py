@@ -20,6 +20,8 @@ def pack_cmd(
     issue: str | None = typer.Option(None, "--issue", help="The task text: files it points at are kept in full."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a report."),
     limit: int = typer.Option(20, "--limit", min=0, help="Files listed per mode in the report (0: all)."),
+    include_secrets: bool = typer.Option(False, "--include-secrets",
+                                         help="Pack files that look like secrets (keys, tokens, .env) too."),
 ) -> None:
     """Pack a repository into one prompt within a token budget."""
     from rich.console import Console
@@ -41,7 +43,8 @@ def pack_cmd(
 
     try:
         with bar:
-            result = pack_repository(path, budget=budget or DEFAULT_BUDGET, issue=issue, progress=progress)
+            result = pack_repository(path, budget=budget or DEFAULT_BUDGET, issue=issue, progress=progress,
+                                     include_secrets=include_secrets)
     except (PackError, TokenizerError) as e:
         raise fail(str(e)) from None
     summary = {
@@ -52,6 +55,8 @@ def pack_cmd(
         "files_outlined": len(result.by_mode("outlined")),
         "files_dropped": len(result.by_mode("dropped")),
         "files_skipped": len(result.skipped),
+        "files_secret": len(result.secrets),
+        "secrets_included": result.secrets_included,
         "tokens_full": sum(f.tokens for f in result.by_mode("full")),
         "tokens_outlined": sum(f.tokens for f in result.by_mode("outlined")),
         "tokenized": result.stats.tokenized,
@@ -62,6 +67,7 @@ def pack_cmd(
         summary["files"] = [{"path": f.path, "mode": f.mode, "tokens": f.tokens, "full_tokens": f.full_tokens,
                              "relevance": round(f.relevance, 3)} for f in result.files]
         summary["skipped"] = [{"path": p, "reason": reason} for p, reason in result.skipped]
+        summary["secrets"] = [{"path": p, "reason": reason} for p, reason in result.secrets]
         typer.echo(json.dumps(summary))
         return
     typer.echo(f"{result.root}: {result.total_tokens:,} tokens of a {result.budget:,} budget "
@@ -83,3 +89,10 @@ def pack_cmd(
     reasons = Counter(reason for _, reason in result.skipped)
     typer.echo(f"\nskipped: {len(result.skipped)} files"
                + (f" ({', '.join(f'{r} {n}' for r, n in reasons.most_common())})" if reasons else ""))
+    if result.secrets:
+        # All of them, whatever --limit says: the user should see every one.
+        typer.echo(f"\nsecrets: {len(result.secrets)} files look like secrets, "
+                   + ("packed (--include-secrets)" if result.secrets_included else
+                      "left out (--include-secrets packs them)"))
+        for p, reason in result.secrets:
+            typer.echo(f"  {p}  ({reason})")
