@@ -104,7 +104,7 @@ def test_the_work_tree_stays_usable_by_both_sides(workspace: Workspace):
     result = call("run", {"command": "echo 'y = 2' >> pkg/new.py && mkdir -p out && touch out/f && cat pkg/new.py"},
                   workspace.root)
     assert result.output.endswith("x = 1\ny = 2\n"), result.output
-    assert "pkg/new.py" in workspace.patch()
+    assert b"pkg/new.py" in workspace.patch().diff
 
 
 @needs_sandbox
@@ -161,7 +161,10 @@ def test_hogs_end_as_tool_results_and_the_agent_goes_on(workspace: Workspace, mo
                     settings=tight)
         assert time.monotonic() - started < 30
         assert "Resource temporarily unavailable" in bomb.output or "timed out" in bomb.output
-        assert not subprocess.run(["pgrep", "-u", str(tight.sandbox_uid)], capture_output=True).stdout
+        deadline = time.monotonic() + 10  # the kernel tears the pid namespace down asynchronously
+        while subprocess.run(["pgrep", "-u", str(tight.sandbox_uid)], capture_output=True).stdout:
+            assert time.monotonic() < deadline, "processes of the sandbox outlived it"
+            time.sleep(0.1)
     after = call("run", {"command": "echo still here"}, root, settings=tight)
     assert after.ok and "still here" in after.output
 
@@ -204,14 +207,8 @@ def test_secrets_stay_out_of_commands(workspace: Workspace, monkeypatch: pytest.
 
 
 def test_without_a_working_sandbox_nothing_runs(workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A bubblewrap that cannot create namespaces (as in many containers): the run tool refuses and
-    says how to fix it; the check `fix` makes before starting says the same."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "bwrap").write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
-    (fake / "bwrap").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
-    sandbox._probe.cache_clear()
+    """The run tool refuses and says how to fix it; the check `fix` makes before starting says the same."""
+    _broken_bwrap(tmp_path, monkeypatch)
     try:
         with pytest.raises(sandbox.SandboxUnavailable, match="apt-get install bubblewrap.*--sandbox off"):
             sandbox.check()
@@ -231,3 +228,45 @@ def test_seccomp_filter_is_built_for_this_machine():
 def test_signal_names_in_results(workspace: Workspace):
     result = call("run", {"command": "kill -SEGV $$"}, workspace.root, settings=Settings(sandbox="off"))
     assert f"exit code {128 + signal.SIGSEGV}: killed by SIGSEGV" in result.output
+
+
+def _broken_bwrap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bubblewrap that cannot create namespaces, first on PATH (as in many containers)."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "bwrap").write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    (fake / "bwrap").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    sandbox._probe.cache_clear()
+
+
+def test_fix_refuses_to_start_without_a_sandbox_unless_told(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """No working sandbox: `fix` exits 2 before any work, saying how to install bubblewrap or opt
+    out; with --sandbox off it runs, says loudly that it is unconfined, and still scrubs secrets."""
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+    from tests.fixtures_agent import fix_turns, isolate, make_repo, write_script
+
+    cache = isolate(monkeypatch, tmp_path)
+    repo = make_repo(tmp_path / "repo")
+    leak = [{"tool_calls": [{"name": "run", "arguments": {"command": "env > env.txt"}}]}]
+    script = write_script(tmp_path / "turns.json", leak + fix_turns())
+    monkeypatch.setenv("DEEPSEEK_API_KEY", "sk-should-not-leak-0123456789")
+    _broken_bwrap(tmp_path, monkeypatch)
+    try:
+        runner = CliRunner()
+        refused = runner.invoke(app, ["fix", "add is wrong", "--repo", str(repo), "--script", str(script)])
+        assert refused.exit_code == 2, refused.output
+        assert "apt-get install bubblewrap" in refused.output and "--sandbox off" in refused.output
+        assert not (cache / "runs").exists()  # nothing started
+        unconfined = runner.invoke(app, ["fix", "add is wrong", "--repo", str(repo), "--script", str(script),
+                                         "--sandbox", "off", "--json"])
+        assert unconfined.exit_code == 0, unconfined.output
+        assert "UNCONFINED" in unconfined.output
+        result = json.loads(unconfined.output.splitlines()[-1])
+        assert "env.txt" in result["patch"] and "sk-should-not-leak" not in result["patch"]
+        bad = runner.invoke(app, ["fix", "x", "--repo", str(repo), "--script", str(script), "--sandbox", "auto"])
+        assert bad.exit_code == 2 and "sandbox must be one of on, off" in bad.output
+    finally:
+        sandbox._probe.cache_clear()

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from tools.base import Context, Tool, ToolError, ToolResult, display, parameters, resolve
+from tools.sandbox import hand_over
 
 _SNIPPET_CONTEXT = 3  # lines shown around an edit
 
@@ -118,8 +119,11 @@ def write_file(context: Context, path: str, content: str) -> ToolResult:
     old = target.read_bytes() if target.is_file() else b""
     encoding = "utf-8" if b"\0" in old[:8192] else _decode(old)[1]
     data = _encode(path, content, encoding)
+    created = [d for d in target.parents if not d.exists() and d.is_relative_to(context.root)]
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data)
+    for made in ([] if existed else [target, *created]):  # root's new files go to the sandbox's uid
+        hand_over(context.root, made)
     lines = content.count("\n") + (1 if content and not content.endswith("\n") else 0)
     verb = "Overwrote" if existed else "Created"
     latin = ", Latin-1 as before" if encoding == "latin-1" else ""

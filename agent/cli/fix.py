@@ -13,6 +13,7 @@ never as rich markup; the patch itself goes to stdout as is unless stdout is a t
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
@@ -44,6 +45,8 @@ NO_BACKEND = ("no model to talk to: the agent needs real weights (--weights DIR,
               "directory) or an OpenAI-compatible endpoint (--endpoint URL --model NAME, key in V4AGENT_API_KEY); "
               "--script FILE plays scripted turns. These can also be set in ~/.config/v4agent/config.toml or "
               "V4AGENT_WEIGHTS / V4AGENT_ENDPOINT / V4AGENT_MODEL.")
+SANDBOX_HELP = ("on (the default): every command of the model runs in the sandbox, and none runs without it; "
+                "off: unconfined, as you (docs/security.md).")
 RESULT_LINES = 8  # lines of a tool result shown live
 RESULT_LINE_CHARS = 120
 
@@ -67,6 +70,7 @@ def fix_cmd(
                                         help="An OpenAI-compatible API base, e.g. http://localhost:8000/v1."),
     model: str | None = typer.Option(None, "--model", help="The model name the endpoint serves."),
     script: str | None = typer.Option(None, "--script", help="A JSON/JSONL file of scripted model turns."),
+    sandbox: str | None = typer.Option(None, "--sandbox", help=SANDBOX_HELP),
 ) -> None:
     """Fix an issue: the agent works in a private copy, you get a patch.
 
@@ -93,7 +97,7 @@ def fix_cmd(
     if not text.strip():
         raise fail("the issue is empty")
     cli = {"think": think, "max_turns": max_turns, "weights": weights, "device": device, "endpoint": endpoint,
-           "model": model, "script": script}
+           "model": model, "script": script, "sandbox": sandbox}
     try:
         settings = load_settings(cli)
         top = toplevel(repo)
@@ -113,6 +117,7 @@ def fix_cmd(
         raise fail("--endpoint needs --model NAME, the model the server serves")
 
     console = _console()
+    _check_sandbox(settings, console)
     started = time.perf_counter()
     try:
         tokenizer = load_tokenizer(settings.weights)
@@ -156,6 +161,7 @@ def replay_cmd(
     trajectory: Path = typer.Argument(..., help="A run's trajectory.jsonl."),
     repo: Path | None = typer.Option(None, "--repo", help="The repository (default: the one recorded)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    sandbox: str | None = typer.Option(None, "--sandbox", help=SANDBOX_HELP),
 ) -> None:
     """Replay a saved run: its model turns again, on a fresh copy; do the tools answer the same?"""
     from agent.backends.scripted import ScriptedBackend
@@ -168,7 +174,7 @@ def replay_cmd(
     try:
         # The sandbox and every limit come from your settings, never from the file: a shared
         # trajectory could say anything. Only the modes the recorded turns answered are its own.
-        settings = load_settings()
+        settings = load_settings({"sandbox": sandbox})
         records = read_trajectory(trajectory)
         header = records[0]
         recorded = AgentConfig(**header["config"])
@@ -182,7 +188,9 @@ def replay_cmd(
     except (KeyError, TypeError) as e:
         raise fail(f"{trajectory}: the run record lacks or mangles {e}") from None
     config = replace(_config(settings), think=recorded.think, effort_profile=recorded.effort_profile)
-    run = _run(backend, load_tokenizer(), top, issue, config, _tool_settings(settings), _console(), recorded=base)
+    console = _console()
+    _check_sandbox(settings, console)
+    run = _run(backend, load_tokenizer(), top, issue, config, _tool_settings(settings), console, recorded=base)
 
     replayed = [r for r in read_trajectory(run.dir / "trajectory.jsonl") if r["type"] == "turn"]
     roots = (header.get("workdir", ""), str(run.workdir))
@@ -420,7 +428,28 @@ def _config(settings: Settings) -> AgentConfig:
 def _tool_settings(settings: Settings) -> ToolSettings:
     from tools.base import Settings as ToolSettings
 
-    return ToolSettings(run_timeout_s=settings.run_timeout_s, sandbox=settings.sandbox)
+    return ToolSettings(run_timeout_s=settings.run_timeout_s, sandbox=settings.sandbox,
+                        sandbox_uid=settings.sandbox_uid,
+                        sandbox_paths=tuple(p for p in settings.sandbox_paths.split(":") if p),
+                        memory_mb=settings.memory_mb, max_processes=settings.max_processes,
+                        max_file_mb=settings.max_file_mb, tmp_mb=settings.tmp_mb)
+
+
+def _check_sandbox(settings: Settings, console: Console) -> None:
+    """Before any work: refuse to start without a working sandbox, unless the user turned it off,
+    and then say so loudly."""
+    from tools import sandbox
+
+    if settings.sandbox == "off":
+        who = "root" if os.geteuid() == 0 else "you"
+        console.print(f"[bold red]UNCONFINED:[/bold red] the sandbox is off (--sandbox off or sandbox = \"off\"): "
+                      f"the model's commands run as {who}, can read and change everything {who} can, and reach "
+                      "the network. See docs/security.md.", highlight=False, soft_wrap=True)
+        return
+    try:
+        sandbox.check(settings.sandbox_uid)
+    except sandbox.SandboxUnavailable as e:
+        raise fail(str(e)) from None
 
 
 def _backend(settings: Settings, tokenizer: Tokenizer) -> Backend:
