@@ -270,3 +270,41 @@ def test_fix_refuses_to_start_without_a_sandbox_unless_told(tmp_path: Path, monk
         assert bad.exit_code == 2 and "sandbox must be one of on, off" in bad.output
     finally:
         sandbox._probe.cache_clear()
+
+
+@pytest.mark.parametrize("name, arguments", [
+    ("read_file", {"path": "\ud800"}), ("write_file", {"path": "a\udcff", "content": "x"}),
+    ("run", {"command": "echo \ud800", "timeout": 5}), ("edit_file", {"path": "x", "old_text": "\udc80", "new_text": "y"}),
+])
+def test_lone_surrogates_in_arguments_are_tool_errors(workspace: Workspace, name: str, arguments: dict):
+    """JSON can spell a lone surrogate (\\ud800) that no file name, file or command can hold: an
+    error the model reads, not a crash of the run."""
+    result = call(name, json.dumps(arguments), workspace.root)
+    assert not result.ok and "not valid Unicode" in result.output
+
+
+def test_fix_leaves_secrets_out_of_the_prompt_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An untracked .env with a token never reaches the model's prompt; --include-secrets sends it."""
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+    from tests.fixtures_agent import fix_turns, isolate, make_repo, write_script
+
+    cache = isolate(monkeypatch, tmp_path)
+    repo = make_repo(tmp_path / "repo")
+    token = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
+    (repo / ".env").write_text(f"GITHUB_TOKEN={token}\n")
+    script = write_script(tmp_path / "turns.json", fix_turns())
+    runner = CliRunner()
+    first_prompt = {}
+    for flags, sent in (([], False), (["--include-secrets"], True)):
+        done = runner.invoke(app, ["fix", "add is wrong", "--repo", str(repo), "--script", str(script), "--sandbox",
+                                   "off", *flags])
+        assert done.exit_code == 0, done.output
+        run = sorted((cache / "runs").iterdir())[-1]
+        lines = [json.loads(line) for line in (run / "trajectory.jsonl").read_text().splitlines()]
+        pack = next(r for r in lines if r["type"] == "pack")
+        assert pack["secrets"] and pack["secrets"][0]["path"] == ".env" and pack["secrets_included"] is sent
+        first_prompt[sent] = next(r for r in lines if r["type"] == "turn")["stats"]["prompt_tokens"]
+        assert ".env" in done.output
+    assert first_prompt[True] > first_prompt[False]  # the file went into the prompt only when asked

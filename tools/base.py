@@ -115,6 +115,12 @@ def _coerce(tool: str, name: str, schema: Mapping[str, Any], value: Any) -> Any:
     if not isinstance(value, _TYPES[kind]) or (kind == "integer" and isinstance(value, bool)):
         raise ToolError(f"{tool}: argument {name!r} must be {'an' if kind == 'integer' else 'a'} {kind}, "
                         f"got {type(value).__name__} {value!r:.60}")
+    if kind == "string":
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate from JSON's \ud800: no file name or command holds one
+            raise ToolError(f"{tool}: argument {name!r} is not valid Unicode (character {e.start}: "
+                            f"{value[e.start]!r})") from None
     if "minimum" in schema and value < schema["minimum"]:
         raise ToolError(f"{tool}: argument {name!r} must be at least {schema['minimum']}, got {value}")
     return value

@@ -71,6 +71,9 @@ def fix_cmd(
     model: str | None = typer.Option(None, "--model", help="The model name the endpoint serves."),
     script: str | None = typer.Option(None, "--script", help="A JSON/JSONL file of scripted model turns."),
     sandbox: str | None = typer.Option(None, "--sandbox", help=SANDBOX_HELP),
+    include_secrets: bool = typer.Option(
+        False, "--include-secrets",
+        help="Also pack files that look like secrets (keys, tokens, .env; left out and listed otherwise)."),
 ) -> None:
     """Fix an issue: the agent works in a private copy, you get a patch.
 
@@ -124,7 +127,8 @@ def fix_cmd(
         backend = _backend(settings, tokenizer)
     except (TokenizerError, BackendError, ScriptError, CheckpointError, ConfigError) as e:
         raise fail(str(e)) from None
-    run = _run(backend, tokenizer, top, text, _config(settings), _tool_settings(settings), console)
+    run = _run(backend, tokenizer, top, text, _config(settings), _tool_settings(settings), console,
+               include_secrets=include_secrets)
 
     patch = run.saved.patch
     totals = {k: v for k, v in run.result.to_dict().items() if k != "seconds"}  # the loop's; ours covers it all
@@ -237,7 +241,8 @@ class _Run:
 
 
 def _run(backend: Backend, tokenizer: Tokenizer, top: Path, issue: str, config: AgentConfig,
-         tool_settings: ToolSettings, console: Console, recorded: tuple[str, str] | None = None) -> _Run:
+         tool_settings: ToolSettings, console: Console, recorded: tuple[str, str] | None = None,
+         include_secrets: bool = False) -> _Run:
     """Workspace, pack, loop, patch; the patch is saved whatever ends the run (SIGTERM as Ctrl-C)."""
     from rich.text import Text
 
@@ -274,14 +279,20 @@ def _run(backend: Backend, tokenizer: Tokenizer, top: Path, issue: str, config: 
             view.start()
             try:
                 packed = pack_repository(workspace.root, budget=budget, issue=issue, tokenizer=tokenizer,
-                                         progress=view.stage)
+                                         progress=view.stage, include_secrets=include_secrets)
             except PackError as e:
                 raise fail(str(e)) from None
             finally:
                 view.stop()
+            if packed.secrets:
+                verb = "sent anyway (--include-secrets)" if packed.secrets_included else "left out of the prompt"
+                console.print(Text(visible(f"{len(packed.secrets)} files that look like secrets {verb}: " + ", ".join(
+                    f"{path} ({why})" for path, why in packed.secrets)), style="yellow"), soft_wrap=True)
             trajectory.write({"type": "pack", "budget": budget, "tokens": packed.total_tokens,
                               **{f"files_{mode}": len(packed.by_mode(mode))
-                                 for mode in ("full", "outlined", "dropped")}})
+                                 for mode in ("full", "outlined", "dropped")},
+                              "secrets": [{"path": path, "reason": why} for path, why in packed.secrets],
+                              "secrets_included": packed.secrets_included})
             result = agent.run(issue, packed)
         finally:
             view.stop()
