@@ -52,3 +52,15 @@ def load_hf(path: Path):
         warnings.simplefilter("ignore")
         model = DeepseekV4ForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.float().eval()  # BF16-on-disk tensors stay bf16 otherwise
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The agent runs every command of the model in the sandbox and refuses to run without it, so
+    do its tests: say so once, plainly, instead of failing a test at a time."""
+    from tools import sandbox
+
+    if not sandbox.available():
+        try:
+            sandbox.check()
+        except sandbox.SandboxUnavailable as e:
+            raise pytest.UsageError(f"the tests need the sandbox: {e}") from None
