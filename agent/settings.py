@@ -47,7 +47,7 @@ class Settings:
     max_total_tokens: int = 0  # all completions together; 0: no limit
     context_limit: int = CONTEXT_TOKENS  # endpoint and script; in-process it is the model's own
     # the endpoint
-    timeout_s: float = 600.0
+    timeout_s: float = 1800.0  # one whole completion, connect to last byte (a long max-think turn)
     retries: int = 3
     reasoning_fields: str = "auto"  # auto | deepseek | chat_template_kwargs | none
     # the tools (docs/security.md)

@@ -92,7 +92,9 @@ class Trajectory:
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(redact(record, self._hidden), ensure_ascii=False) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
+        # A lone surrogate (from a model's JSON \ud800, or a file name that is not UTF-8) cannot
+        # be UTF-8: written as its JSON escape, it reads back as the same string.
+        with open(self.path, "a", encoding="utf-8", errors="backslashreplace") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())

@@ -589,3 +589,15 @@ def test_the_trajectory_on_disk_holds_no_secret(serve, tmp_path: Path, monkeypat
         assert secret not in written
     assert "http://***@127.0.0.1" in written and "The key is ***, the token ***" in written
     assert "https://***@example.com/x" in written
+
+
+def test_a_lone_surrogate_round_trips_through_the_trajectory(tmp_path: Path):
+    """A model's JSON can spell \\ud800, which UTF-8 cannot hold: the record is still written, and
+    read back as the same string."""
+    from agent.trajectory import Trajectory, read_trajectory
+
+    trajectory = Trajectory(tmp_path / "trajectory.jsonl")
+    trajectory.write({"type": "run", "issue": "x"})
+    trajectory.write({"type": "turn", "arguments": "{\"path\": \"a\ud800b\"}", "name\udcff": "é"})
+    assert read_trajectory(trajectory.path)[1] == {"type": "turn", "arguments": "{\"path\": \"a\ud800b\"}",
+                                                   "name\udcff": "é"}
