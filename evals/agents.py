@@ -34,13 +34,15 @@ DETAIL_FIELDS = ("stop", "turns", "error", "seconds", "context_tokens")
 
 @dataclass
 class Outcome:
-    """What an agent produced: the patch (None: it produced nothing), token counts, and where
-    its trajectory (a list of chat messages) was written, if anywhere."""
+    """What an agent produced: the patch (None or "": no patch), token counts, and where its
+    trajectory (a list of chat messages) was written, if anywhere. `predicted` is false when
+    there is no prediction at all (a predictions file without this instance)."""
 
     patch: str | None
     tokens: dict[str, int] = field(default_factory=dict)
     trajectory: Path | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    predicted: bool = True
 
 
 class Agent(Protocol):
@@ -65,7 +67,7 @@ class EmptyAgent:
 
 
 class PredictionsAgent:
-    """Patches from a predictions file; an instance without one gets None (no prediction)."""
+    """Patches from a predictions file; an instance without one has no prediction."""
 
     needs_worktree = False
 
@@ -76,7 +78,7 @@ class PredictionsAgent:
 
     def solve(self, instance: Instance, worktree: Path | None, logs: Path) -> Outcome:
         found = self.predictions.get(instance.instance_id)
-        return Outcome(found["model_patch"] if found else None)
+        return Outcome(found["model_patch"]) if found else Outcome(None, predicted=False)
 
 
 def worktree_diff(worktree: Path, base: str) -> str:

@@ -33,11 +33,12 @@ class Finished:
 
 
 def run(argv: list[str], *, cwd: Path, env: dict[str, str] | None = None, timeout: float = 3600.0,
-        idle_timeout: float | None = None, log: Path | None = None) -> Finished:
-    """Run `argv`; stdout and stderr together, appended to `log` as they come and in the result."""
+        idle_timeout: float | None = None, log: Path | None = None, pass_fds: tuple[int, ...] = ()) -> Finished:
+    """Run `argv`; stdout and stderr together, appended to `log` as they come and in the result.
+    `pass_fds`: descriptors the command inherits (a sandbox's seccomp filter)."""
     started = time.monotonic()
     process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+                               stderr=subprocess.STDOUT, start_new_session=True, pass_fds=pass_fds)
     chunks: list[bytes] = []
     last_output = [time.monotonic()]
     sink = open(log, "ab") if log else None

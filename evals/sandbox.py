@@ -1,33 +1,65 @@
-"""A fresh scratch root under bubblewrap: an empty file system holding the host's system
-directories read-only, a private /tmp and HOME, no network (unless asked), and the binds a run
-needs at the paths it expects (`/app`, `/tests`, `/logs`, `/testbed`).
+"""Sandboxed runs for the eval harnesses.
 
-Where `tools.shell` confines the agent's commands to a work tree inside the host's own view of
-the file system, this gives a task the container-like layout its scripts assume. It reuses
-tools.shell's probe (`bwrap_available`) and its secret-free environment (`scrubbed_env`).
+`run` confines a command with tools.sandbox's sandbox, the one the agent's `run` tool uses: no
+capability even when started by root (an unprivileged uid, no_new_privs, seccomp), no network
+(loopback only), the host's system directories read-only, a private /tmp, and nothing of the
+host writable but the work tree. What the harness adds is where things appear: the work tree at
+the path a benchmark expects (`/testbed`, `/app`), where the command starts, and more binds
+(inputs read-only at `/eval.sh`, `/tmp/patch.diff`, `/tests`...). Started by root, the work tree
+and every writable bind are handed to the sandbox's uid first (tools.sandbox.adopt).
+
+`scratch_argv` is the older, unhardened scratch root (bubblewrap with the caller's privileges)
+that Terminal-Bench's harness still uses until it moves to `run`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from evals.proc import EvalError
-from tools.sandbox import interpreter_dirs
+from evals.proc import EvalError, Finished
+from evals.proc import run as run_process
+from tools import sandbox
+from tools.sandbox import Bind, interpreter_dirs
 from tools.shell import bwrap_available, scrubbed_env
+
+__all__ = ["Bind", "PATH", "require_sandbox", "run", "scratch_argv", "scratch_environ"]
 
 # What every scratch root sees of the host, read-only; merged-/usr symlinks stay symlinks.
 HOST_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt")
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+UID = 65000  # the sandbox's uid when the harness runs as root (as the agent's default)
 
 
-@dataclass(frozen=True)
-class Bind:
-    source: Path
-    target: str
-    writable: bool = True
+def require_sandbox(what: str) -> None:
+    """EvalError saying why, unless the hardened sandbox works on this machine."""
+    try:
+        sandbox.check(UID)
+    except sandbox.SandboxUnavailable as e:
+        raise EvalError(f"{what} needs the sandbox: {e}") from None
+
+
+def run(work: Bind, argv: Sequence[str], *, env: dict[str, str], timeout: float, binds: Sequence[Bind] = (),
+        read_only: Iterable[Path] = (), writable_git: bool = False, log: Path | None = None,
+        limits: sandbox.Limits = sandbox.Limits()) -> Finished:
+    """`argv` in the sandbox, the work tree `work.source` shown at `work.target` and started in,
+    `binds` beside it, `read_only` host paths shown at their own paths (an environment)."""
+    require_sandbox("a sandboxed run")
+    sandbox.adopt(work.source, UID, with_git=writable_git)
+    for bind in binds:
+        if bind.writable:
+            sandbox.adopt(bind.source, UID)
+    try:
+        command = sandbox.command(work.source, argv, env, limits=limits, uid=UID, extra=read_only, at=work.target,
+                                  binds=binds, writable_git=writable_git)
+    except sandbox.SandboxUnavailable as e:
+        raise EvalError(str(e)) from None
+    try:
+        return run_process(command.argv, cwd=work.source, env=command.env, timeout=timeout, log=log,
+                           pass_fds=command.pass_fds)
+    finally:
+        command.close()
 
 
 def require_bwrap(what: str) -> None:
@@ -37,7 +69,7 @@ def require_bwrap(what: str) -> None:
 
 def scratch_argv(binds: Iterable[Bind], workdir: str, *, network: bool = False,
                  read_only: Iterable[Path] = ()) -> list[str]:
-    """The bwrap command line for a scratch root with `binds`, starting in `workdir`."""
+    """The bwrap command line for an unhardened scratch root with `binds`, starting in `workdir`."""
     argv = ["bwrap", "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
     if not network:
         argv.append("--unshare-net")

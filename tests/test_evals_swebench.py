@@ -1,7 +1,8 @@
 """SWE-bench harness on a small local repository: grading (patches, data files, hung tests, test
-files a model edited), the run (resume, a crashing instance, parallel workers), the v4 adapter,
-file formats, and deterministic sdist commits. Tests run in this interpreter's own environment
-(spec `venv`), so nothing is installed."""
+files a model edited), the official run-level outcomes (empty patch, no prediction, a patch that
+does not apply, a timeout), the run (resume, a crashing instance, parallel workers), the v4
+adapter, file formats, and deterministic sdist commits. Tests run in this interpreter's own
+environment (spec `venv`), in the sandbox, so nothing is installed."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from evals import swebench
-from evals.agents import EmptyAgent, OracleAgent, V4Agent, make_agent
+from evals.agents import EmptyAgent, OracleAgent, PredictionsAgent, V4Agent, make_agent
 from evals.container import container_script, official_image
 from evals.envs import SpecTable
 from evals.grader import Limits
@@ -28,7 +29,7 @@ from tools.shell import bwrap_available
 
 CALC = "def add(a, b):\n    return a - b\n\n\ndef mul(a, b):\n    return a * b\n"
 TESTS = "from calc import mul\n\n\ndef test_mul():\n    assert mul(2, 3) == 6\n"
-F2P = "tests/test_calc.py::test_add[one plus two]"
+F2P = "tests/test_calc.py::test_add[one-plus-two]"
 P2P = "tests/test_calc.py::test_mul"
 
 
@@ -62,7 +63,7 @@ def calc(tmp_path: Path):
             CASES = json.loads((pathlib.Path(__file__).parent / "data" / "cases.json").read_text())
 
 
-            @pytest.mark.parametrize("a,b,c", CASES, ids=["one plus two"])
+            @pytest.mark.parametrize("a,b,c", CASES, ids=["one-plus-two"])
             def test_add(a, b, c):
                 assert add(a, b) == c
             """),
@@ -101,44 +102,68 @@ def _one(calc, agent, **changes):
     return swebench.run_instance(calc.instance(**changes), calc.config(agent))
 
 
-def test_oracle_resolves_and_empty_does_not(calc):
+def test_oracle_resolves_and_empty_or_missing_patches_are_not_run(calc):
     resolved = _one(calc, OracleAgent())
-    assert resolved["resolved"] and resolved["patch_successfully_applied"]
+    assert resolved["outcome"] == "resolved" and resolved["patch_successfully_applied"]
     assert resolved["tests_status"]["FAIL_TO_PASS"]["success"] == [F2P]  # the data file was applied
+    assert resolved["suspicious"] == [] and resolved["infra_failure"] is False
     empty = swebench.run_instance(calc.instance(), calc.config(EmptyAgent(), "out2"))
-    assert not empty["resolved"] and not empty["patch_exists"]
-    assert empty["tests_status"]["FAIL_TO_PASS"]["failure"] == [F2P]
-    assert empty["tests_status"]["PASS_TO_PASS"]["success"] == [P2P]
+    assert (empty["outcome"], empty["patch_exists"], empty["patch_successfully_applied"]) == ("empty_patch", False, False)
+    assert "tests_status" not in empty  # officially not run
+    missing = swebench.run_instance(calc.instance(), calc.config(PredictionsAgent({}), "out3"))
+    assert (missing["outcome"], missing["patch_is_None"], missing["patch_successfully_applied"]) == (
+        "incomplete", True, False)
+    assert not (calc.config(EmptyAgent(), "out3").out / "instances" / "acme__calc-1" / "prediction.json").exists()
 
 
 def test_data_files_are_applied_but_not_given_to_the_runner(calc):
     _one(calc, OracleAgent())
     folder = calc.config(OracleAgent()).out / "instances" / "acme__calc-1"
-    command = (folder / "test_command.txt").read_text()
-    assert "tests/test_calc.py" in command and "cases.json" not in command
+    command = next(line for line in (folder / "eval.sh").read_text().splitlines() if line.startswith("python -m"))
+    assert command == "python -m pytest -rA -p no:cacheprovider tests/test_calc.py"  # no cases.json
     report = json.loads((folder / "report.json").read_text())
     assert set(report["acme__calc-1"]) >= {"patch_is_None", "patch_exists", "patch_successfully_applied", "resolved",
-                                           "tests_status", "timings", "tokens", "cache_hits"}
+                                           "infra_failure", "tests_status", "timings", "tokens", "cache_hits"}
 
 
-def test_a_patch_that_hangs_a_test_is_a_failure_not_a_hung_run(calc):
+def test_a_test_run_past_the_timeout_is_an_error_as_officially(calc):
     hang = calc.diff({"calc.py": CALC.replace("return a - b", "while True:\n        pass")})
     started = time.monotonic()
-    record = swebench.run_instance(calc.instance(patch=hang), calc.config(OracleAgent(), limits=Limits(60, 3)))
+    cfg = calc.config(OracleAgent(), limits=Limits(4))
+    record = swebench.run_instance(calc.instance(patch=hang), cfg)
     assert time.monotonic() - started < 40
-    assert record["test_timed_out"] == "idle" and not record["resolved"]
-    assert F2P in record["tests_status"]["FAIL_TO_PASS"]["failure"]
+    assert record["outcome"] == "error" and "ran past 4 s" in record["error"] and not record["resolved"]
+    log = (cfg.out / "instances" / "acme__calc-1" / "test_output.txt").read_text()
+    assert log.endswith("\n\nTimeout error: 4 seconds exceeded.")  # the official note
+    assert record["infra_failure_reason"] == "tests_timed_out"  # the official classification of the log
 
 
-def test_a_patch_that_does_not_apply(calc):
+def test_a_silent_test_run_is_not_killed(calc):
+    """No idle limit, as officially: a test that prints nothing for longer than any idle limit
+    the harness used to have still finishes and counts."""
+    slow = calc.diff({"calc.py": calc.fixed_calc.replace("return a + b", "__import__('time').sleep(6)\n    return a + b")})
+    record = swebench.run_instance(calc.instance(patch=slow), calc.config(OracleAgent(), limits=Limits(60)))
+    assert record["outcome"] == "resolved", record
+
+
+def test_a_patch_that_does_not_apply_is_an_error_as_officially(calc):
     record = _one(calc, OracleAgent(), patch="diff --git a/nope.py b/nope.py\n--- a/nope.py\n+++ b/nope.py\n"
                                               "@@ -1 +1 @@\n-old\n+new\n")
+    assert record["outcome"] == "error" and "does not apply" in record["error"]
     assert record["patch_exists"] and not record["patch_successfully_applied"] and not record["resolved"]
+    log = (calc.config(OracleAgent()).out / "instances" / "acme__calc-1" / "run_instance.log").read_text()
+    # every official command was tried, in order, then the reverse check
+    assert [line for line in log.splitlines() if line.startswith("$ ") and "patch.diff" in line] == [
+        "$ git apply --verbose /tmp/patch.diff", "$ git apply --verbose --3way /tmp/patch.diff",
+        "$ git apply --verbose --reject /tmp/patch.diff", "$ patch --batch --forward --fuzz=5 -p1 -i /tmp/patch.diff",
+        "$ git apply --check --reverse /tmp/patch.diff"]
 
 
 def test_model_edits_to_test_files_do_not_count(calc):
     cheat = calc.diff({"calc.py": calc.fixed_calc, "tests/test_calc.py": TESTS.replace("== 6", "== 7")})
-    assert _one(calc, OracleAgent(), patch=cheat)["resolved"]  # the test file went back to base, then the test patch
+    record = _one(calc, OracleAgent(), patch=cheat)
+    assert record["resolved"]  # the test file went back to base, then the test patch
+    assert record["suspicious"] == ["tests/test_calc.py"]  # a file of the test patch
 
 
 def test_run_resumes_isolates_a_crash_and_runs_workers_in_parallel(calc):
@@ -146,7 +171,7 @@ def test_run_resumes_isolates_a_crash_and_runs_workers_in_parallel(calc):
     broken = calc.instance(instance_id="acme__calc-9", version="2.0")  # no spec for it
     cfg = calc.config(OracleAgent(), workers=2)
     summary = swebench.run([*good, broken], cfg)
-    assert (summary["total"], summary["resolved"], summary["errors"]) == (4, 3, 1)
+    assert (summary["total"], summary["resolved"], summary["errors"], summary["incomplete"]) == (4, 3, 1, 0)
     assert summary["error_ids"] == ["acme__calc-9"]
     assert "no environment spec" in (cfg.out / "instances" / "acme__calc-9" / "error.txt").read_text()
     predictions = [json.loads(line) for line in (cfg.out / "predictions.jsonl").read_text().splitlines()]
@@ -236,7 +261,9 @@ def test_an_eval_script_runs_at_testbed_and_applies_the_tests_itself(calc):
               "python -m pytest -rA -p no:cacheprovider tests/test_calc.py\necho '>>>>> End Test Output'\n")
     record = _one(calc, OracleAgent(), eval_script=script, log_parser="parse_log_pytest")
     assert record["resolved"], record
-    assert _one(calc, EmptyAgent(), instance_id="acme__calc-2", eval_script=script)["resolved"] is False
+    unfixed = calc.diff({"calc.py": "# no fix\n" + CALC})
+    assert _one(calc, OracleAgent(), instance_id="acme__calc-2", eval_script=script, patch=unfixed)["outcome"] == (
+        "unresolved")
 
 
 def test_container_grading_script_and_image_names(calc):

@@ -3,7 +3,8 @@
 The view (the same whoever starts v4agent): the work tree read-write (its .git read-only), a
 private /tmp (also $HOME) and /var/tmp, the system directories read-only (/usr, /bin, /sbin,
 /lib*, /opt), /etc read-only with the files in SECRET_ETC hidden, this Python's installation and
-virtualenv and any `extra` paths read-only, a minimal /dev and a /proc of its own. Nothing else:
+virtualenv and any `extra` paths read-only (but never the evals' data of this installation,
+HIDDEN: gold patches, test patches, task solutions), a minimal /dev and a /proc of its own. Nothing else:
 no home directory, no /run (no host sockets), no /sys, no other repository, not the user's
 checkout (the git objects the work tree borrows are shown read-only at a neutral path). A network
 namespace of its own (loopback only), and its own pid, ipc, uts and cgroup namespaces.
@@ -58,6 +59,9 @@ BLOCKED_SYSCALLS = (
 _CLONE_NAMESPACES = (0x20000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000, 0x80)
 OBJECTS_MOUNT = "/.v4agent/objects"  # where the git objects a shared clone borrows are shown
 HOME = "/tmp/home"
+# Never shown, even inside a shown directory: the evals' gold patches, test patches and task
+# solutions, which sit inside an installed package (site-packages/evals/data).
+HIDDEN = (Path(__file__).resolve().parents[1] / "evals" / "data",)
 INSTALL_HINT = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap), "
                 "or run without a sandbox at your own risk with --sandbox off (or sandbox = \"off\" in the config)")
 
@@ -146,6 +150,15 @@ def _data_fd(data: bytes) -> int:
     return fd
 
 
+@dataclass(frozen=True)
+class Bind:
+    """One more path in the sandbox (for the eval harness): `source` on the host at `target`."""
+
+    source: Path
+    target: str
+    writable: bool = True
+
+
 @dataclass
 class Command:
     """A command line ready for subprocess: `argv`, the descriptors to pass (`pass_fds`), the
@@ -170,9 +183,15 @@ def borrowed_objects(root: Path) -> list[Path]:
 
 
 def command(root: Path, argv: Sequence[str], env: dict[str, str], *, limits: Limits = Limits(), uid: int = 65000,
-            extra: Iterable[Path] = ()) -> Command:
+            extra: Iterable[Path] = (), at: str | None = None, binds: Sequence[Bind] = (),
+            writable_git: bool = False) -> Command:
     """`argv` confined to the work tree `root` with `limits`; `uid` is the unprivileged uid the
-    command runs as when v4agent runs as root. Raises SandboxUnavailable."""
+    command runs as when v4agent runs as root. Raises SandboxUnavailable.
+
+    For the eval harness only (the agent's commands use none of these): `at` shows the work tree
+    at another path (`/testbed`), where the command starts; `binds` adds paths at targets of
+    their own; `writable_git` lets the command change the work tree's .git (a grading tree that
+    is thrown away afterwards), though never the objects it borrows."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise SandboxUnavailable("bubblewrap (bwrap) is not installed")
@@ -199,17 +218,23 @@ def command(root: Path, argv: Sequence[str], env: dict[str, str], *, limits: Lim
         args += ["--dev", "/dev", "--proc", "/proc", "--perms", "1777", "--size", str(limits.tmp_mb << 20),
                  "--tmpfs", "/tmp", "--perms", "1777", "--tmpfs", "/var/tmp", "--perms", "0777", "--dir", HOME]
         shown = sorted({*interpreter_dirs(), *(Path(p).resolve() for p in extra)})
+        inside = Path(at or root)
+        targets = [inside, *(Path(b.target) for b in binds)]
         # Parent directories bubblewrap creates would copy the host's modes (/root is 0700): make
         # them traversable for the unprivileged uid, and no more.
-        for parent in sorted({p for path in [*shown, root] for p in path.parents} - {Path("/"), Path("/tmp")}):
+        for parent in sorted({p for path in [*shown, *targets] for p in path.parents} - {Path("/"), Path("/tmp")}):
             if not any(parent.is_relative_to(d) for d in (*SYSTEM_DIRS, "/etc")):
                 args += ["--perms", "0755", "--dir", str(parent)]
         for path in shown:
             args += ["--ro-bind", str(path), str(path)]
-        args += ["--bind", str(root), str(root)]
+        for path in HIDDEN:
+            if any(path.is_relative_to(d) for d in shown) and path.is_dir():
+                args += ["--tmpfs", str(path)]
+        args += ["--bind", str(root), str(inside)]
         git_dir = root / ".git"
         if git_dir.is_dir():
-            args += ["--ro-bind", str(git_dir), str(git_dir)]
+            if not writable_git:
+                args += ["--ro-bind", str(git_dir), str(inside / ".git")]
             borrowed = borrowed_objects(root)
             if borrowed:
                 args += ["--perms", "0755", "--dir", str(Path(OBJECTS_MOUNT).parent), "--perms", "0755", "--dir",
@@ -219,15 +244,17 @@ def command(root: Path, argv: Sequence[str], env: dict[str, str], *, limits: Lim
             if borrowed:  # git inside reads the neutral paths; the user's checkout stays unseen
                 fds.append(_data_fd("".join(f"{OBJECTS_MOUNT}/{i}\n" for i in range(len(borrowed))).encode()))
                 args += ["--perms", "0444", "--ro-bind-data", str(fds[-1]),
-                         str(git_dir / "objects" / "info" / "alternates")]
+                         str(inside / ".git" / "objects" / "info" / "alternates")]
+        for bind in binds:
+            args += ["--bind" if bind.writable else "--ro-bind", str(bind.source), bind.target]
         # The new root itself is a tmpfs the user namespace owns: nothing may be written there.
-        args += ["--remount-ro", "/", "--chdir", str(root), "--add-seccomp-fd", str(fds[0]), "--"]
+        args += ["--remount-ro", "/", "--chdir", str(inside), "--add-seccomp-fd", str(fds[0]), "--"]
         if as_root:
             args += [_which("setpriv"), f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
                      "--bounding-set=-all", "--no-new-privs", "--"]
         inside = {**env, "HOME": HOME, "TMPDIR": "/tmp",
                   # .git belongs to the invoking user, not to the sandbox's uid: let git read it
-                  "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory", "GIT_CONFIG_VALUE_0": str(root)}
+                  "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory", "GIT_CONFIG_VALUE_0": str(inside)}
         return Command(limit_argv(limits, uid if as_root else os.geteuid()) + args + list(argv), tuple(fds), inside)
     except BaseException:
         for fd in fds:
@@ -235,15 +262,16 @@ def command(root: Path, argv: Sequence[str], env: dict[str, str], *, limits: Lim
         raise
 
 
-def adopt(root: Path, uid: int) -> None:
-    """Hand the work tree's contents (but not its .git) to `uid` (also the sandbox's gid), so the
-    unprivileged command can change them. The top directory keeps its owner, for git outside the
-    sandbox, and is opened to the group instead. Only root does this, once per work tree: the
-    top directory's group says whether it is done."""
+def adopt(root: Path, uid: int, *, with_git: bool = False) -> None:
+    """Hand the work tree's contents (but not its .git, unless `with_git`: a grading tree whose
+    git the sandbox uses) to `uid` (also the sandbox's gid), so the unprivileged command can
+    change them. The top directory keeps its owner, for git outside the sandbox, and is opened to
+    the group instead. Only root does this, once per work tree: the top directory's group says
+    whether it is done."""
     if os.geteuid() != 0 or root.stat().st_gid == uid:
         return
     for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not (folder == str(root) and d == ".git")]
+        dirs[:] = [d for d in dirs if with_git or not (folder == str(root) and d == ".git")]
         for name in [*dirs, *files]:
             os.lchown(os.path.join(folder, name), uid, uid)
     os.chown(root, -1, uid)

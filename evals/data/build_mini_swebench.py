@@ -5,8 +5,9 @@ project whose sdist ships its tests: the base is the older release's sdist commi
 deterministically (evals.repos.sdist_commit: fixed author, date and message, so the harness
 rebuilds the same base_commit anywhere), the gold `patch` is the newer release's change to the
 fixed source files (version-string bumps left out), the `test_patch` its change to the tests.
-FAIL_TO_PASS and PASS_TO_PASS come from running the tests with the harness's own grader: before
-(no patch) and after (gold patch).
+FAIL_TO_PASS and PASS_TO_PASS come from running the tests with the harness's grader, before (no
+patch) and after (gold patch), and so are spelled as the official parser spells them (a
+parametrized id ends at its first space); passing is the official PASSED or XFAIL.
 
     python evals/data/build_mini_swebench.py [--out evals/data/mini_swebench.jsonl]
 """
@@ -24,7 +25,6 @@ from pathlib import Path
 from evals.envs import SpecTable, ensure_env
 from evals.grader import grade
 from evals.instances import parse_instance
-from evals.logparse import PASSING
 from evals.proc import git
 from evals.repos import RepoStore, download_sdist, sdist_commit
 
@@ -69,6 +69,7 @@ MINI = [
                           "'>', '=') must make xmlattr raise ValueError('Invalid character in attribute name: ...')."},
 ]
 
+PASSING = ("PASSED", "XFAIL")  # swebench.harness.grading.test_passed
 _VERSION_LINE = re.compile(r"^__version__\s*=.*$", re.MULTILINE)
 
 
