@@ -21,13 +21,18 @@ bit-exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import time
+import warnings
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -186,26 +191,38 @@ def _scale_of(name: str) -> str:
 
 def _read_header(file: Path) -> dict[str, dict]:
     """A shard's tensor entries, after checking that the file really holds their bytes."""
-    size = file.stat().st_size
     with open(file, "rb") as fh:
-        head = fh.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 2 or n > _MAX_HEADER_BYTES:
-            raise CheckpointError(f"{file}: unreadable safetensors header (header length field {n})")
-        if 8 + n > size:
-            raise CheckpointError(f"{file}: truncated shard: header needs {8 + n} bytes, file has {size}")
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{file}: unreadable safetensors header ({e})") from None
+        return read_header(fh, os.fstat(fh.fileno()).st_size, file)[1]
+
+
+def read_header(fh: BinaryIO, size: int, file: Path) -> tuple[dict[str, str], dict[str, dict]]:
+    """The metadata and tensor entries of a safetensors file open at offset 0 (`size` bytes), after
+    checking what safetensors itself will: the tensors' data lie back to back, from the start of the
+    data section to its end, each as long as its dtype and shape say. Raises CheckpointError naming
+    the tensor and `file`; never reads more than the header."""
+    head = fh.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if n < 2 or n > _MAX_HEADER_BYTES:
+        raise CheckpointError(f"{file}: unreadable safetensors header (header length field {n})")
+    if 8 + n > size:
+        raise CheckpointError(f"{file}: truncated shard: header needs {8 + n} bytes, file has {size}")
+    try:
+        header = json.loads(fh.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: unreadable safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: unreadable safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{file}: unreadable safetensors header (metadata is not a map of strings)")
     data_bytes = size - 8 - n
+    entries: dict[str, dict] = {}
     for name, entry in header.items():
         try:
             dtype, shape = entry["dtype"], [int(x) for x in entry["shape"]]
             begin, end = (int(x) for x in entry["data_offsets"])
+            if not isinstance(dtype, str) or min(shape, default=0) < 0 or not 0 <= begin <= end:
+                raise ValueError
         except (TypeError, KeyError, ValueError):
             raise CheckpointError(f"{file}: unreadable safetensors header entry for tensor '{name}'") from None
         if end > data_bytes:
@@ -214,7 +231,22 @@ def _read_header(file: Path) -> dict[str, dict]:
         if dtype in BYTES_PER_ELEMENT and end - begin != prod(shape) * BYTES_PER_ELEMENT[dtype]:
             raise CheckpointError(f"tensor '{name}' in {file}: {end - begin} data bytes do not match "
                                   f"{dtype} {shape}")
-    return header
+        entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+    # safetensors refuses overlaps, gaps and trailing bytes when a tensor is first read; say so now,
+    # with the file's name
+    at, previous = 0, None
+    for name, entry in sorted(entries.items(), key=lambda e: e[1]["data_offsets"]):
+        begin, end = entry["data_offsets"]
+        if begin != at:
+            how = f"overlaps tensor '{previous}' (which ends at byte {at})" if begin < at else \
+                f"leaves a gap after byte {at}"
+            raise CheckpointError(f"tensor '{name}' in {file}: its data (bytes {begin}..{end} of the data "
+                                  f"section) {how}")
+        at, previous = end, name
+    if at != data_bytes:
+        raise CheckpointError(f"{file}: {data_bytes - at} bytes after the data of the last tensor, "
+                              f"'{previous}', belong to no tensor")
+    return metadata, entries
 
 
 def _looks_hf(name: str) -> bool:
@@ -303,6 +335,18 @@ class Checkpoint:
             raise KeyError(f"{name!r} is not a logical tensor of checkpoint {self.path}")
         return logical_tensor(name, self.inventory, self.raw, dtype)
 
+    def identity(self) -> str:
+        """A digest of everything that decides this checkpoint's outputs: the config and the full
+        content of every shard (see :func:`file_digest` for what makes this cheap after the first time)."""
+        h = hashlib.sha256(f"v4agent-checkpoint-identity-{IDENTITY_VERSION}\0".encode())
+        h.update(json.dumps(self.config.to_hf_dict(), sort_keys=True).encode())
+        shards = sorted(set(self._files.values()))
+        with ThreadPoolExecutor(max_workers=min(len(shards), os.cpu_count() or 1, 8)) as pool:
+            digests = list(pool.map(file_digest, shards))  # hashlib lets go of the GIL: shards in parallel
+        for shard, digest in zip(shards, digests):
+            h.update(f"\0{shard.name}\0{digest}".encode())
+        return h.hexdigest()
+
     def close(self) -> None:
         self._handles.clear()
 
@@ -352,6 +396,79 @@ def open_checkpoint(path: str | Path, config: ModelConfig | None = None) -> Chec
         more = f" (and {len(problems) - 1} more problems, e.g. {problems[1]})" if len(problems) > 1 else ""
         raise CheckpointError(problems[0] + more)
     return Checkpoint(root, config, inv, {n: f for n, (f, _) in stored.items()})
+
+
+# -- content digests, remembered -------------------------------------------------------
+
+IDENTITY_VERSION = "2"
+# A digest is remembered only for a file whose status last changed this long before it was hashed:
+# a write in the same timestamp tick as the status we saw would otherwise go unnoticed.
+_SETTLED_NS = 1_000_000_000
+_READ_CHUNK = 16 * 2**20
+
+
+def digest_store() -> Path:
+    """Where file digests are remembered: `$V4AGENT_CACHE/file-digests` (default ~/.cache/v4agent)."""
+    return Path(os.environ.get("V4AGENT_CACHE") or Path.home() / ".cache" / "v4agent") / "file-digests"
+
+
+def _status(file: Path) -> dict[str, int]:
+    """What identifies one version of a file's bytes without reading them (not its path: a moved
+    checkpoint keeps its digests). The change time is there because only the kernel sets it: an
+    in-place edit that puts the old modification time back (utime) still moves it."""
+    st = os.stat(file)
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+
+
+def _record_check(status: dict, digest: str) -> str:
+    return hashlib.sha256(json.dumps([status, digest], sort_keys=True).encode()).hexdigest()
+
+
+def file_digest(file: Path) -> str:
+    """sha256 of a file's bytes, remembered in :func:`digest_store` for this version of the file
+    (device, inode, size, modification and change times); a remembered record that does not
+    verify is reported (a RuntimeWarning), removed and recomputed."""
+    status = _status(file)
+    record_file = digest_store() / hashlib.sha256(json.dumps(status, sort_keys=True).encode()).hexdigest()[:40]
+    try:
+        with open(record_file, "rb") as f:
+            record = json.loads(f.read(4096))
+        if record["status"] == status and record["check"] == _record_check(status, record["sha256"]):
+            return record["sha256"]
+        problem = f"does not match its file {file}"
+    except FileNotFoundError:
+        problem = ""
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problem = f"is unreadable ({e!r})"
+    if problem:
+        warnings.warn(f"remembered digest {record_file} {problem}; removed, hashing again", RuntimeWarning,
+                      stacklevel=2)
+        _remove(record_file)
+    started = time.time_ns()
+    h = hashlib.sha256()
+    buffer = bytearray(_READ_CHUNK)
+    view = memoryview(buffer)
+    with open(file, "rb") as f:
+        while n := f.readinto(buffer):
+            h.update(view[:n])
+    digest = h.hexdigest()
+    if _status(file) == status and started - status["ctime_ns"] >= _SETTLED_NS:
+        tmp = record_file.with_name(f".{record_file.name}.{os.getpid()}.tmp")
+        try:
+            record_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"status": status, "sha256": digest, "check": _record_check(status, digest)}))
+            os.replace(tmp, record_file)
+        except OSError:
+            _remove(tmp)  # a read-only cache only costs hashing again next time
+    return digest
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # not ours to remove: it is checked (and ignored) again next time
 
 
 # -- writing ------------------------------------------------------------------------
@@ -508,4 +625,4 @@ def make_tiny(path: str | Path, config: ModelConfig | None = None, seed: int = 0
 
 __all__ = ["CheckpointError", "TensorSpec", "Checkpoint", "inventory", "logical_names", "open_checkpoint",
            "encode_weights", "write_checkpoint", "random_weights", "make_tiny", "INDEX_FILE", "SINGLE_FILE",
-           "BYTES_PER_ELEMENT"]
+           "BYTES_PER_ELEMENT", "read_header", "file_digest", "digest_store"]

@@ -56,7 +56,7 @@ def load(source: str | Path | ModelConfig, precision: str = "exact", device: str
     else:
         weights = open_checkpoint(source)
         config = weights.config
-        identity = f"checkpoint:{checkpoint_identity(Path(source))}"
+        identity = f"checkpoint:{weights.identity()}"
     with torch.device("meta"):
         model = Model(config, precision)
     _fill(model, weights, device, offload_experts)
@@ -66,21 +66,6 @@ def load(source: str | Path | ModelConfig, precision: str = "exact", device: str
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def checkpoint_identity(root: Path) -> str:
-    """A digest of what makes a checkpoint's weights what they are, cheap to compute: config.json,
-    the index and every shard's name, size and safetensors header (not the gigabytes of data)."""
-    h = hashlib.sha256()
-    for file in sorted(root.iterdir()):
-        if file.name == "config.json" or file.name.endswith(".index.json"):
-            h.update(file.name.encode() + file.read_bytes())
-        elif file.suffix == ".safetensors":
-            with open(file, "rb") as f:
-                head = f.read(8)
-                header = f.read(int.from_bytes(head, "little")) if len(head) == 8 else b""
-            h.update(f"{file.name}:{file.stat().st_size}:".encode() + header)
-    return h.hexdigest()
 
 
 def _fill(model: Model, weights: WeightSource, device: torch.device, offload_experts: bool) -> None:
