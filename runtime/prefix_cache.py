@@ -8,10 +8,14 @@ addressed by a hash chained over the token blocks, `h(b) = sha256(h(b-128) | tok
 so any prompt finds its longest saved prefix by hashing its own blocks; a segment never
 splits a 128-token block, and a later turn writes only its new tokens.
 
-Each segment carries a compatibility key (checkpoint identity, precision, cache format,
-format version): a segment written under another key is refused with a message saying
-why, never used. Writes go to a temporary file renamed into place; a checksum over the
-tensors catches torn or corrupt files, which are ignored (the prefix is recomputed).
+A segment's file is named by its prefix hash and the digest of its compatibility key
+(checkpoint content identity, precision, cache format, format version); segments under
+another key are reported, never read. A file is used only if everything that decides
+reuse checks out against its name and the request: its header is well-formed and bounded,
+a checksum covers its metadata (key, prefix hash, token range, previous segment's hash)
+and every tensor's name, dtype, shape and bytes, and its tensors are exactly the layout
+this model's state has at that range. Anything else is reported once, removed, and the
+prefix recomputed (and saved again). Writes go to a temporary file renamed into place.
 Pruning removes least-recently-used leaves first, so a parent never goes before its children.
 """
 
@@ -24,20 +28,23 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from runtime.checkpoint import TORCH_DTYPES, CheckpointError, read_header
 from runtime.kvstore import Rows
 from runtime.model import Model, SequenceState
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 BLOCK = 128
+_SAFETENSORS_DTYPE = {v: k for k, v in TORCH_DTYPES.items()}
+_META_FIELDS = ("key", "prefix", "start", "end", "prev", "checksum")
 
 
-class CacheError(RuntimeError):
-    """A persisted prefix that must not be used (written under another compatibility key)."""
+class BadSegment(ValueError):
+    """A segment file that must not be used; the message says why."""
 
 
 def cache_root() -> Path:
@@ -79,12 +86,13 @@ class SegmentInfo:
     last_used: float
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+def _checksum(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """Over the metadata (but the checksum itself) and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(name.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -113,6 +121,27 @@ def row_counts(state: SequenceState) -> list[tuple[int, int]]:
             if c is not None]
 
 
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # not ours to remove (permissions): it stays unused, and is reported again next time
+
+
+def _read_segment_header(fh: BinaryIO, path: Path) -> tuple[dict[str, str], dict[str, dict]]:
+    """A segment's metadata and tensor entries, bounded and well-formed (BadSegment otherwise)."""
+    try:
+        meta, entries = read_header(fh, os.fstat(fh.fileno()).st_size, path)
+    except CheckpointError as e:
+        raise BadSegment(f"is unreadable ({e})") from None
+    missing = [f for f in _META_FIELDS if f not in meta]
+    if missing:
+        raise BadSegment(f"lacks the metadata {missing}")
+    if not (meta["start"].isdigit() and meta["end"].isdigit() and len(meta["start"]) + len(meta["end"]) < 40):
+        raise BadSegment(f"has a malformed token range {meta['start']!r}..{meta['end']!r}")
+    return meta, entries
+
+
 class PrefixCache:
     """Segments of one compatibility key under `root` (default ~/.cache/v4agent/prefix)."""
 
@@ -120,11 +149,35 @@ class PrefixCache:
                  warn: Callable[[str], None] = lambda _: None) -> None:
         self.model, self.root, self.warn = model, Path(root) if root else cache_root(), warn
         self.key = compat_key(model, cache_format)
+        self.key_json = json.dumps(self.key, sort_keys=True)
         self.digest = _key_digest(self.key)
         self.align = alignment(model)
 
     def _path(self, prefix_hash: str, digest: str | None = None) -> Path:
         return self.root / prefix_hash[:2] / f"{prefix_hash}-{digest or self.digest}.safetensors"
+
+    def layout(self, start: int, end: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Every tensor of a segment [start, end) of this model's state, with its dtype and shape."""
+        model, out = self.model, {}
+        template = model.new_state(self.key["cache_format"])
+        for prefix, blocks, states, seen in (("layer", model.layers, template.layers, end),
+                                             ("mtp", model.mtp, template.mtp, end - 1)):  # MTP lags by one
+            for i, (block, st) in enumerate(zip(blocks, states)):
+                out[f"{prefix}.{i}.window"] = (st.window.dtype, (min(seen, block.attn.window - 1), st.window.shape[1]))
+                for tag, comp in (("c", st.compressor), ("i", st.indexer)):
+                    if comp is None:
+                        continue
+                    module = block.attn.compressor if tag == "c" else block.attn.indexer.compressor
+                    rows = end // module.ratio - start // module.ratio
+                    for j, part in enumerate(comp.entries.codec.encode(torch.zeros(1, comp.entries.width))):
+                        out[f"{prefix}.{i}.{tag}.rows.{j}"] = (part.dtype, (rows, *part.shape[1:]))
+                    if module.overlap:
+                        for half in ("prev_kv", "prev_gate"):
+                            out[f"{prefix}.{i}.{tag}.{half}"] = (comp.open_kv.dtype, (module.ratio, module.width))
+        out["logits"] = (torch.float32, (model.config.vocab_size,))
+        if model.mtp:
+            out["streams"] = (model.act_dtype, (1, model.config.hc_mult, model.config.hidden_size))
+        return out
 
     # -- writing ------------------------------------------------------------------------
 
@@ -146,11 +199,13 @@ class PrefixCache:
             tensors["logits"] = logits.float()
             if streams is not None:
                 tensors["streams"] = streams
-            meta = {"key": json.dumps(self.key, sort_keys=True), "start": str(start), "end": str(end),
-                    "prev": hashes.get(start, ""), "checksum": _checksum(tensors)}
+            tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+            meta = {"key": self.key_json, "prefix": hashes[end], "start": str(start), "end": str(end),
+                    "prev": hashes.get(start, "")}
+            meta["checksum"] = _checksum(meta, tensors)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+            save_file(tensors, str(tmp), metadata=meta)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic: readers see the old state or the whole segment
@@ -158,23 +213,50 @@ class PrefixCache:
 
     # -- reading ------------------------------------------------------------------------
 
-    def _read(self, path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]] | None:
-        """A segment's metadata and tensors; None (with a warning) if torn or corrupt."""
+    def _read(self, path: Path, hashes: dict[int, str], end: int) -> tuple[dict, dict] | None:
+        """The segment that holds the prefix `hashes[end]`, verified; None (reported, and the file
+        removed) if it is not exactly that."""
         try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as e:
-            self.warn(f"ignoring unreadable cache segment {path.name} (removed; it will be recomputed): {e}")
-            path.unlink(missing_ok=True)
+            with open(path, "rb") as fh:
+                return self._verified(fh, path, hashes, end)
+        except FileNotFoundError:
+            return None  # pruned meanwhile
+        except (BadSegment, OSError) as e:
+            why = str(e) if isinstance(e, BadSegment) else f"is unreadable ({e})"
+            self.warn(f"cache segment {path.name} {why}; removed, its prefix will be recomputed")
+            _remove(path)
             return None
-        if json.loads(meta.get("key", "{}")) != self.key:
-            raise CacheError(f"cache segment {path} was written under {meta.get('key')}, this run needs "
-                             f"{json.dumps(self.key, sort_keys=True)}; refusing to use it")
-        if meta.get("checksum") != _checksum(tensors):
-            self.warn(f"ignoring corrupt cache segment {path.name} (checksum mismatch; removed)")
-            path.unlink(missing_ok=True)
-            return None
+
+    def _verified(self, fh: BinaryIO, path: Path, hashes: dict[int, str], at: int) -> tuple[dict, dict]:
+        meta, entries = _read_segment_header(fh, path)
+        start, stop = int(meta["start"]), int(meta["end"])
+        layout = self.layout(start, stop)
+        found = {name: (e["dtype"], tuple(e["shape"])) for name, e in entries.items()}
+        expected = {name: (_SAFETENSORS_DTYPE[dtype], shape) for name, (dtype, shape) in layout.items()}
+        if start >= stop or found != expected:
+            raise BadSegment(f"does not hold this model's state for tokens {start}..{stop}")
+        # the layout bounds what is read: exactly the bytes such a segment has
+        data = bytearray(sum(e["data_offsets"][1] - e["data_offsets"][0] for e in entries.values()))
+        if fh.readinto(data) != len(data):
+            raise BadSegment("is truncated")
+        tensors = {}
+        for name, e in entries.items():
+            begin, end = e["data_offsets"]
+            dtype, shape = layout[name]
+            if begin % dtype.itemsize:
+                raise BadSegment(f"has misaligned data for {name}")
+            flat = torch.frombuffer(data, dtype=torch.uint8, count=end - begin, offset=begin) if end > begin \
+                else torch.empty(0, dtype=torch.uint8)
+            tensors[name] = flat.view(dtype).reshape(shape)
+        if meta["checksum"] != _checksum(meta, tensors):
+            raise BadSegment("is damaged (checksum mismatch)")
+        # an intact file: what decides reuse must match its name and the request
+        if meta["key"] != self.key_json:
+            raise BadSegment(f"was written under another compatibility key ({meta['key'][:200]})")
+        if meta["prefix"] != hashes[at] or stop != at:
+            raise BadSegment(f"holds another prefix (of {stop} tokens), not this prompt's first {at}")
+        if start % self.align or meta["prev"] != hashes.get(start, ""):
+            raise BadSegment(f"continues another prefix (from token {start})")
         return meta, tensors
 
     def _candidates(self, tokens: list[int]) -> tuple[dict[int, str], list[int]]:
@@ -193,11 +275,11 @@ class PrefixCache:
         return hashes, ours
 
     def longest_prefix(self, tokens: list[int]) -> int:
-        """Length of the longest prefix of `tokens` with a saved segment (0 if none)."""
+        """Length of the longest prefix of `tokens` with a saved segment (0 if none; not verified)."""
         return max(self._candidates(tokens)[1], default=0)
 
     def load(self, tokens: list[int]) -> tuple[SequenceState, torch.Tensor, torch.Tensor | None] | None:
-        """The state after the longest saved prefix of `tokens` whose whole chain is intact, or None."""
+        """The state after the longest saved prefix of `tokens` whose whole chain verifies, or None."""
         hashes, ends = self._candidates(tokens)
         for end in ends:
             chain = self._chain(hashes, end)
@@ -206,16 +288,23 @@ class PrefixCache:
         return None
 
     def _chain(self, hashes: dict[int, str], end: int) -> list[tuple[dict, dict]] | None:
-        chain, at = [], end
-        while at > 0:
+        chain, paths, at = [], [], end
+        while at > 0:  # each segment starts before it ends (verified), so this ends
             path = self._path(hashes[at])
-            if not path.exists():
-                return None
-            seg = self._read(path)
+            seg = self._read(path, hashes, at)
             if seg is None:
+                if paths:  # they continue a segment that is gone: no prompt can use them any more
+                    self.warn(f"cache segments {', '.join(p.name for p in paths)} continue a prefix whose "
+                              f"segment is missing; removed")
+                    for p in paths:
+                        _remove(p)
                 return None
             chain.append(seg)
-            os.utime(path)  # recency for pruning
+            paths.append(path)
+            try:
+                os.utime(path)  # recency for pruning
+            except OSError:
+                pass
             at = int(seg[0]["start"])
         return chain[::-1]
 
@@ -246,16 +335,21 @@ class PrefixCache:
 
 
 def segments(root: Path | None = None) -> list[SegmentInfo]:
+    """Segments whose header reads and agrees with the file's name (the tensors are checked when
+    a segment is loaded, not here)."""
     out = []
     for path in sorted((root or cache_root()).glob("*/*.safetensors")):
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
+            with open(path, "rb") as fh:
+                meta, _ = _read_segment_header(fh, path)
+            key = json.loads(meta["key"])
+            start, end = int(meta["start"]), int(meta["end"])
+            if not isinstance(key, dict) or path.stem != f"{meta['prefix']}-{_key_digest(key)}" or start >= end:
+                continue
             stat = path.stat()
-            out.append(SegmentInfo(path, path.stem.rsplit("-", 1)[0], json.loads(meta["key"]), int(meta["start"]),
-                                   int(meta["end"]), meta.get("prev", ""), stat.st_size, stat.st_mtime))
-        except (SafetensorError, OSError, ValueError, KeyError):
-            continue  # torn files are reported by `stats` as unreadable and removed by prune
+            out.append(SegmentInfo(path, meta["prefix"], key, start, end, meta["prev"], stat.st_size, stat.st_mtime))
+        except (BadSegment, OSError, ValueError):
+            continue  # reported by `stats` as unreadable and removed by prune
     return out
 
 
@@ -285,7 +379,7 @@ def prune(max_bytes: int, root: Path | None = None) -> list[Path]:
     while total > max_bytes and segs:
         parents = {(s.prev, _key_digest(s.key)) for s in segs.values()}
         leaves = [s for s in segs.values() if (s.prefix_hash, _key_digest(s.key)) not in parents]
-        victim = min(leaves, key=lambda s: s.last_used)
+        victim = min(leaves or segs.values(), key=lambda s: s.last_used)  # no leaf: a cycle of forged files
         victim.path.unlink(missing_ok=True)
         removed.append(victim.path)
         total -= victim.nbytes
@@ -293,4 +387,4 @@ def prune(max_bytes: int, root: Path | None = None) -> list[Path]:
     return removed
 
 
-__all__ = ["PrefixCache", "CacheError", "prefix_hashes", "row_counts", "segments", "stats", "prune", "cache_root"]
+__all__ = ["PrefixCache", "BadSegment", "prefix_hashes", "row_counts", "segments", "stats", "prune", "cache_root"]
