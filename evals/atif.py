@@ -44,42 +44,59 @@ def _arguments(raw: Any) -> dict[str, Any]:
 
 def _text(content: Any) -> str:
     if isinstance(content, list):  # content parts
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return content or ""
+        return "".join(str(part.get("text") or "") for part in content if isinstance(part, dict))
+    if content is None:
+        return ""
+    return content if isinstance(content, str) else json.dumps(content)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def trajectory(messages: list[dict[str, Any]], *, session_id: str, agent: str, version: str,
                model: str | None = None) -> dict[str, Any]:
-    """An ATIF trajectory from chat messages; tool results join the agent step that called them."""
+    """An ATIF trajectory from chat messages; tool results join the agent step that called them.
+    A result whose id matches none of that step's calls keeps its content without an id (ATIF
+    allows no dangling reference); one before any step gets a system step of its own. ValueError
+    for no messages at all: a trajectory has at least one step."""
     steps: list[dict[str, Any]] = []
     for message in messages:
         role = message.get("role")
         if role == "tool":
-            if steps and steps[-1]["source"] == "agent":
-                steps[-1].setdefault("observation", {"results": []})["results"].append(
-                    {"source_call_id": message.get("tool_call_id"), "content": _text(message.get("content"))})
+            if not steps:
+                steps.append({"step_id": 1, "timestamp": _timestamp(message.get("timestamp")), "source": "system",
+                              "message": ""})
+            step = steps[-1]
+            result: dict[str, Any] = {"content": _text(message.get("content"))}
+            call_id = message.get("tool_call_id")
+            if call_id is not None and str(call_id) in {c["tool_call_id"] for c in step.get("tool_calls", [])}:
+                result = {"source_call_id": str(call_id), **result}
+            step.setdefault("observation", {"results": []})["results"].append(result)
             continue
-        step: dict[str, Any] = {"step_id": len(steps) + 1, "timestamp": _timestamp(message.get("timestamp")),
-                                "source": {"assistant": "agent"}.get(role, role),
-                                "message": _text(message.get("content"))}
-        if step["source"] not in ("system", "user", "agent"):
+        source = {"assistant": "agent", "developer": "system"}.get(role, role)
+        if source not in ("system", "user", "agent"):
             continue
-        if step["source"] == "agent":
+        step = {"step_id": len(steps) + 1, "timestamp": _timestamp(message.get("timestamp")), "source": source,
+                "message": _text(message.get("content"))}
+        if source == "agent":
             if model:
                 step["model_name"] = model
             if message.get("reasoning_content"):
-                step["reasoning_content"] = message["reasoning_content"]
+                step["reasoning_content"] = _text(message["reasoning_content"])
             calls = message.get("tool_calls") or []
             if calls:
-                step["tool_calls"] = [{"tool_call_id": c.get("id") or f"call_{step['step_id']}_{i}",
-                                       "function_name": (c.get("function") or {}).get("name", ""),
+                step["tool_calls"] = [{"tool_call_id": str(c.get("id") or f"call_{step['step_id']}_{i}"),
+                                       "function_name": str((c.get("function") or {}).get("name") or ""),
                                        "arguments": _arguments((c.get("function") or {}).get("arguments"))}
                                       for i, c in enumerate(calls)]
             usage = message.get("usage") or {}
-            metrics = {k: int(usage[k]) for k in _METRICS if isinstance(usage.get(k), int)}
+            metrics = {k: usage[k] for k in _METRICS if _is_count(usage.get(k))}
             if metrics:
                 step["metrics"] = metrics
         steps.append(step)
+    if not steps:
+        raise ValueError("no messages to make a trajectory of: ATIF needs at least one step")
     totals = {f"total_{k}": sum(s.get("metrics", {}).get(k, 0) for s in steps) for k in _METRICS}
     return {"schema_version": SCHEMA_VERSION, "session_id": session_id,
             "agent": {"name": agent, "version": version, **({"model_name": model} if model else {})},

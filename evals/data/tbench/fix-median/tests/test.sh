@@ -1,3 +1,3 @@
 #!/bin/bash
-# Named rewards: one per check, and `reward` = all of them passed.
+# reward.json: `reward` = all of the checks passed.
 cd /app && python3 /tests/check.py
