@@ -1,14 +1,20 @@
 """SWE-bench instances and predictions in the official schema.
 
-Instances come as JSON (a list, or one object), JSONL, or a directory with one subdirectory per
-instance holding `instance.json` (long fields may sit beside it as `patch.diff`,
-`test_patch.diff`, `problem_statement.md`, `eval_script.sh`). FAIL_TO_PASS / PASS_TO_PASS are
-lists or, as the official dataset stores them, JSON strings. Fields we do not use are kept.
+Instances come as the Hugging Face dataset files are distributed (Parquet, e.g.
+`data/test-00000-of-00001.parquet` of SWE-bench Verified; JSON or JSONL), as JSON (a list, or
+one object), or a directory: the dataset's own folder (its `.parquet`/`.json`/`.jsonl` files,
+found recursively) or one subdirectory per instance holding `instance.json` (long fields may
+sit beside it as `patch.diff`, `test_patch.diff`, `problem_statement.md`, `eval_script.sh`).
+FAIL_TO_PASS / PASS_TO_PASS are lists or, as the official dataset stores them, JSON strings.
+Parquet is read with pyarrow (the `scale` extra; `datasets` depends on it too). Fields we do
+not use are kept.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +41,17 @@ class Instance:
     environment_setup_commit: str | None = None
     eval_script: str | None = None  # newer datasets: the script that applies tests and runs them
     log_parser: str | None = None  # newer datasets: the name of the parser for its output
-    extra: dict[str, Any] = field(default_factory=dict)  # everything else (hints_text, sdist, ...)
+    extra: dict[str, Any] = field(default_factory=dict)  # everything else (hints_text, created_at, sdist, ...)
+
+    @property
+    def hints_text(self) -> str:
+        """The issue's comments before the fix (official field; never shown to the agent)."""
+        return self.extra.get("hints_text") or ""
+
+    @property
+    def created_at(self) -> str:
+        """When the fixing pull request was opened (official field)."""
+        return str(self.extra.get("created_at") or "")
 
     @property
     def repo_key(self) -> str:
@@ -68,11 +84,33 @@ def parse_instance(record: dict[str, Any]) -> Instance:
     )
 
 
+_DATA_SUFFIXES = (".parquet", ".json", ".jsonl")
+
+
+def _plain(value: Any) -> Any:
+    """A Parquet cell as JSON would hold it (timestamps as ISO 8601 text)."""
+    return value.isoformat() if isinstance(value, (datetime.date, datetime.datetime)) else value
+
+
+def _parquet(path: Path) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise EvalError(f"{path}: reading Parquet needs pyarrow: pip install 'v4agent[scale]'") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise EvalError(f"{path}: not a readable Parquet file ({e})") from None
+    return [{k: _plain(v) for k, v in row.items()} for row in rows]
+
+
 def _records(path: Path) -> list[dict[str, Any]]:
     if path.is_dir():
         subdirs = sorted(p for p in path.iterdir() if (p / "instance.json").is_file())
-        if not subdirs:  # a folder of .json/.jsonl files
-            return [r for f in sorted(path.iterdir()) if f.suffix in (".json", ".jsonl") for r in _records(f)]
+        if not subdirs:  # a dataset folder (data/test-*.parquet, ...): its data files, in name order
+            files = sorted(f for f in path.rglob("*") if f.suffix in _DATA_SUFFIXES and f.is_file()
+                           and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            return [r for f in files for r in _records(f)]
         records = []
         for sub in subdirs:
             record = json.loads((sub / "instance.json").read_text())
@@ -81,6 +119,8 @@ def _records(path: Path) -> list[dict[str, Any]]:
                     record[name] = (sub / filename).read_text()
             records.append(record)
         return records
+    if path.suffix == ".parquet":
+        return _parquet(path)
     text = path.read_text()
     if path.suffix == ".jsonl":
         return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -96,6 +136,9 @@ def load_instances(path: Path, ids: list[str] | None = None) -> list[Instance]:
         instances = [parse_instance(r) for r in _records(path)]
     except json.JSONDecodeError as e:
         raise EvalError(f"{path}: not valid JSON ({e})") from None
+    twice = sorted(k for k, n in Counter(i.instance_id for i in instances).items() if n > 1)
+    if twice:  # two files of one folder (a dev and a test split?) would grade an instance twice
+        raise EvalError(f"{path}: instance ids listed more than once: {', '.join(twice[:10])}")
     if ids:
         unknown = set(ids) - {i.instance_id for i in instances}
         if unknown:

@@ -31,6 +31,12 @@ def read_report(path: Path) -> dict[str, Any] | None:
     return next(iter(data.values()), None) if isinstance(data, dict) and len(data) == 1 else None
 
 
+def finished(path: Path) -> dict[str, Any] | None:
+    """The record at `path` when it is a finished one (no `error`): resuming skips its item."""
+    record = read_report(path)
+    return record if record is not None and not record.get("error") else None
+
+
 def run_all(items: Iterable[T], key: Callable[[T], str], run_one: Callable[[T], dict[str, Any]], workers: int,
             on_done: Callable[[T, dict[str, Any]], None] | None = None) -> dict[str, dict[str, Any]]:
     """`run_one` on every item, `workers` at a time; the records by key. `run_one` catches its own crashes."""
