@@ -16,7 +16,7 @@ import shutil
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from evals.container import Engine, grade_in_container
 from evals.envs import SpecTable, ensure_env
 from evals.grader import Limits, grade
 from evals.instances import Instance, prediction
-from evals.report import read_report, run_all, summarize, write_json
+from evals.ray_runner import run_on_ray
+from evals.report import finished, read_report, run_all, summarize, write_json
 from evals.repos import RepoStore
 
 
@@ -40,6 +41,7 @@ class RunConfig:
     workers: int = 1
     engine: Engine | None = None  # --container: grade in the official images
     env_root: Path | None = None  # where venvs are cached (default: the evals cache)
+    ray: str | None = None  # --ray ADDRESS: run the instances as tasks on a Ray cluster ("local": a private one)
 
 
 def _grade(instance: Instance, outcome: Outcome, cfg: RunConfig, folder: Path, work: Path,
@@ -107,7 +109,12 @@ def run(instances: list[Instance], cfg: RunConfig,
         on_done: Callable[[Instance, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Every instance, `cfg.workers` at a time; the summary (also written to summary.json)."""
     cfg.out.mkdir(parents=True, exist_ok=True)
-    records = run_all(instances, lambda i: i.instance_id, lambda i: run_instance(i, cfg), cfg.workers, on_done)
+    if cfg.ray:
+        records = run_on_ray(instances, lambda i: i.instance_id, lambda i, out: run_instance(i, replace(cfg, out=out)),
+                             cfg.out, lambda i: finished(cfg.out / "instances" / i.instance_id / "report.json"),
+                             cfg.ray, cfg.workers, on_done)
+    else:
+        records = run_all(instances, lambda i: i.instance_id, lambda i: run_instance(i, cfg), cfg.workers, on_done)
     write_predictions(instances, cfg.out)
     summary = summarize(records, cfg.agent.name)
     write_json(cfg.out / "summary.json", summary)

@@ -20,6 +20,7 @@ app = typer.Typer(help="Benchmarks: SWE-bench instances and Terminal-Bench tasks
 
 MINI = "mini"  # INSTANCES / TASKS_DIR alias for the bundled sets
 DATA = Path(__file__).parents[2] / "evals" / "data"
+RAY_HELP = "Run on a Ray cluster: its address (ray://host:10001, auto), or 'local' for a private one (docs/evals.md)."
 
 
 def _progress(label: str, total: int, as_json: bool) -> tuple[Any, Callable[[str, dict[str, Any]], None]]:
@@ -66,6 +67,7 @@ def swebench_cmd(
     v4_cmd: str | None = typer.Option(None, "--v4-cmd", help="Command template for the v4 agent (docs/evals.md)."),
     container: bool = typer.Option(False, "--container", help="Grade in the official images (docker or podman)."),
     official: bool = typer.Option(False, "--official", help="Also grade predictions.jsonl with the official harness."),
+    ray: str | None = typer.Option(None, "--ray", help=RAY_HELP),
     as_json: bool = typer.Option(False, "--json", help="JSON lines; the last one is the summary."),
 ) -> None:
     """Run an agent on SWE-bench instances and grade its patches."""
@@ -81,7 +83,8 @@ def swebench_cmd(
     from evals.report import read_report, table
     from evals.repos import RepoStore
 
-    path = DATA / "mini_swebench.jsonl" if instances == MINI else Path(instances)
+    # Every path absolute before use: the work trees, sandboxes and containers run elsewhere.
+    path = DATA / "mini_swebench.jsonl" if instances == MINI else Path(instances).resolve()
     try:
         selected = load_instances(path, ids.split(",") if ids else None)
         chosen = make_agent(agent, predictions=load_predictions(predictions) if predictions else None, v4_cmd=v4_cmd,
@@ -89,9 +92,10 @@ def swebench_cmd(
         engine = detect_engine() if container else None
         if container and engine is None:
             raise EvalError("--container: neither docker nor podman answers on this machine")
-        cfg = swebench.RunConfig(out=out or Path("eval-runs") / f"swebench-{chosen.name}", agent=chosen,
-                                 store=RepoStore(repo_source), specs=SpecTable(env_spec),
-                                 limits=Limits(timeout, test_timeout), workers=workers, engine=engine)
+        cfg = swebench.RunConfig(out=(out or Path("eval-runs") / f"swebench-{chosen.name}").resolve(), agent=chosen,
+                                 store=RepoStore(repo_source.resolve() if repo_source else None),
+                                 specs=SpecTable(env_spec), limits=Limits(timeout, test_timeout), workers=workers,
+                                 engine=engine, ray=ray)
         bar, done = _progress("instances", len(selected), as_json)
         with bar:
             summary = swebench.run(selected, cfg, lambda inst, record: done(inst.instance_id, record))
@@ -114,6 +118,7 @@ def tbench_cmd(
     out: Path | None = typer.Option(None, "--out", help="Output folder (default eval-runs/tbench-AGENT)."),
     v4_cmd: str | None = typer.Option(None, "--v4-cmd", help="Command template for the v4 agent (docs/evals.md)."),
     container: bool = typer.Option(False, "--container", help="Build and use each task's image (docker or podman)."),
+    ray: str | None = typer.Option(None, "--ray", help=RAY_HELP),
     as_json: bool = typer.Option(False, "--json", help="JSON lines; the last one is the summary."),
 ) -> None:
     """Run an agent on Terminal-Bench tasks and read the verifiers' rewards."""
@@ -123,7 +128,7 @@ def tbench_cmd(
     from evals.report import read_report, task_table
     from evals.tbench_tasks import load_tasks
 
-    root = DATA / "tbench" if tasks_dir == MINI else Path(tasks_dir)
+    root = DATA / "tbench" if tasks_dir == MINI else Path(tasks_dir).resolve()
     try:
         if agent not in ("v4", "oracle"):
             raise EvalError(f"unknown agent {agent!r} (v4, oracle)")
@@ -131,8 +136,8 @@ def tbench_cmd(
         engine = detect_engine() if container else None
         if container and engine is None:
             raise EvalError("--container: neither docker nor podman answers on this machine")
-        cfg = tbench.TbenchConfig(out=out or Path("eval-runs") / f"tbench-{agent}", agent=agent, engine=engine,
-                                  workers=workers, v4_cmd=v4_cmd)
+        cfg = tbench.TbenchConfig(out=(out or Path("eval-runs") / f"tbench-{agent}").resolve(), agent=agent,
+                                  engine=engine, workers=workers, v4_cmd=v4_cmd, ray=ray)
         bar, done = _progress("tasks", len(selected), as_json)
         with bar:
             summary = tbench.run_tasks(selected, cfg, lambda task, record: done(task.name, record))
