@@ -405,7 +405,8 @@ def _verify(task: Task, env: Environment, trial: Path, record: dict[str, Any]) -
         command = f"(/tests/{task.test_script}) > /logs/verifier/test-stdout.txt 2>&1"
         variables = resolve_env(task.verifier_env)
     else:
-        command, variables = f"bash /tests/{task.test_script}", {"TEST_DIR": "/tests"}
+        # terminal-bench runs it in a tmux pane 160 columns wide, which pytest sizes its summary to
+        command, variables = f"bash /tests/{task.test_script}", {"TEST_DIR": "/tests", "COLUMNS": "160"}
     done = env.exec(command, task.verifier_timeout, trial / "verifier.log", variables, "verify",
                     {"/tests": verifier_files(task)})
     record.update(verifier_exit=done.code, verifier_timed_out=done.timed_out is not None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -293,11 +294,12 @@ TB1_RUNS = [("-rA", ""), ("-rA -v", ""), ("", ""), ("-rA", "-k 'pass and not xpa
 def _pytest_outputs(folder: Path) -> list[str]:
     folder.mkdir()
     (folder / "test_outputs.py").write_text(TB1_TESTS)
-    outputs = []
-    for flags, selection in TB1_RUNS:
-        done = subprocess.run(f"{shlex.quote(sys.executable)} -m pytest -p no:cacheprovider {flags} {selection} "
-                              "test_outputs.py", shell=True, cwd=folder, capture_output=True, text=True)
-        outputs.append(done.stdout + done.stderr)
+    runs = [subprocess.Popen(f"{shlex.quote(sys.executable)} -m pytest -p no:cacheprovider {flags} {selection} "
+                             "test_outputs.py", shell=True, cwd=folder, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})  # as in a task's image
+            for flags, selection in TB1_RUNS]
+    outputs = [run.communicate(timeout=120)[0] for run in runs]
     outputs.append(outputs[0][: len(outputs[0]) // 2])  # a run killed half-way
     outputs.append(outputs[0] + "\n=== short test summary info ===\nPASSED a::b\n")  # a second summary
     return outputs
