@@ -61,12 +61,15 @@ def swebench_cmd(
     ids: str | None = typer.Option(None, "--instance-ids", help="Comma-separated instance ids to run."),
     workers: int = typer.Option(1, "--workers", min=1, help="Instances in parallel."),
     out: Path | None = typer.Option(None, "--out", help="Output folder (default eval-runs/swebench-AGENT)."),
-    timeout: float = typer.Option(1800, "--timeout", help="Seconds for one instance's whole test run."),
-    test_timeout: float = typer.Option(300, "--test-timeout", help="Seconds without test output: a hung test."),
+    timeout: float = typer.Option(1800, "--timeout", help="Seconds for one instance's test run (official: 1800)."),
     agent_timeout: float = typer.Option(3600, "--agent-timeout", help="Seconds for the v4 agent per instance."),
     v4_cmd: str | None = typer.Option(None, "--v4-cmd", help="Command template for the v4 agent (docs/evals.md)."),
     container: bool = typer.Option(False, "--container", help="Grade in the official images (docker or podman)."),
     official: bool = typer.Option(False, "--official", help="Also grade predictions.jsonl with the official harness."),
+    report_official: bool = typer.Option(False, "--report-official",
+                                         help="Also write the official run report OUT/<model>.<out name>.json."),
+    strict: bool = typer.Option(False, "--strict", help="Drop a prediction's changes to test infrastructure "
+                                                        "(conftest.py, pytest/tox settings...) before grading."),
     ray: str | None = typer.Option(None, "--ray", help=RAY_HELP),
     as_json: bool = typer.Option(False, "--json", help="JSON lines; the last one is the summary."),
 ) -> None:
@@ -79,23 +82,30 @@ def swebench_cmd(
     from evals.envs import SpecTable
     from evals.grader import Limits
     from evals.instances import load_instances, load_predictions
+    from evals.logparse import official as official_package
     from evals.proc import EvalError
     from evals.report import read_report, table
     from evals.repos import RepoStore
 
     # Every path absolute before use: the work trees, sandboxes and containers run elsewhere.
     path = DATA / "mini_swebench.jsonl" if instances == MINI else Path(instances).resolve()
+    env_spec, predictions = (p.resolve() if p else None for p in (env_spec, predictions))
     try:
+        official_package("harness.grading")  # the grader is the official one: stop now if it is missing
         selected = load_instances(path, ids.split(",") if ids else None)
-        chosen = make_agent(agent, predictions=load_predictions(predictions) if predictions else None, v4_cmd=v4_cmd,
-                            timeout=agent_timeout)
+        found = load_predictions(predictions) if predictions else None
+        if found is not None:  # officially an error, not a prediction quietly ignored
+            unknown = set(found) - {i.instance_id for i in (load_instances(path) if ids else selected)}
+            if unknown:
+                raise EvalError(f"{predictions}: predictions for instances not in {path}: {', '.join(sorted(unknown))}")
+        chosen = make_agent(agent, predictions=found, v4_cmd=v4_cmd, timeout=agent_timeout)
         engine = detect_engine() if container else None
         if container and engine is None:
             raise EvalError("--container: neither docker nor podman answers on this machine")
         cfg = swebench.RunConfig(out=(out or Path("eval-runs") / f"swebench-{chosen.name}").resolve(), agent=chosen,
                                  store=RepoStore(repo_source.resolve() if repo_source else None),
-                                 specs=SpecTable(env_spec), limits=Limits(timeout, test_timeout), workers=workers,
-                                 engine=engine, ray=ray)
+                                 specs=SpecTable(env_spec), limits=Limits(timeout), workers=workers,
+                                 engine=engine, ray=ray, strict=strict, report_official=report_official)
         bar, done = _progress("instances", len(selected), as_json)
         with bar:
             summary = swebench.run(selected, cfg, lambda inst, record: done(inst.instance_id, record))
