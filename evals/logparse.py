@@ -62,12 +62,3 @@ def repo_parser(repo: str) -> str | None:
     registry = official("harness.log_parsers").PARSER_REGISTRY
     return next(name for name, found in registry.items() if found is function)
 
-
-# Terminal-Bench 1.0's verifier output is pytest's too (evals.tbench reads it with these until it
-# moves to terminal-bench's own parser): the official pytest parser, and its passing statuses.
-PASSING = frozenset({"PASSED", "XFAIL"})
-
-
-def parse_pytest(log: str) -> dict[str, str]:
-    """{test id: status} from pytest's `-rA` report lines, by the official parser."""
-    return parser_for("pytest")(log, None)

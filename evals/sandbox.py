@@ -8,8 +8,10 @@ the path a benchmark expects (`/testbed`, `/app`), where the command starts, and
 (inputs read-only at `/eval.sh`, `/tmp/patch.diff`, `/tests`...). Started by root, the work tree
 and every writable bind are handed to the sandbox's uid first (tools.sandbox.adopt).
 
-`scratch_argv` is the older, unhardened scratch root (bubblewrap with the caller's privileges)
-that Terminal-Bench's harness still uses until it moves to `run`.
+`scratch_argv` is an unhardened scratch root (bubblewrap with the caller's privileges, network
+optional) for what cannot run in the hardened one: Terminal-Bench's v4 agent, `v4agent fix`
+itself, which reaches its model over the network and starts its own hardened sandbox for every
+command of the model.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from evals.proc import EvalError, Finished
 from evals.proc import run as run_process
 from tools import sandbox
 from tools.sandbox import Bind, interpreter_dirs
-from tools.shell import bwrap_available, scrubbed_env
+from tools.shell import scrubbed_env
 
 __all__ = ["Bind", "PATH", "require_sandbox", "run", "scratch_argv", "scratch_environ"]
 
@@ -60,11 +62,6 @@ def run(work: Bind, argv: Sequence[str], *, env: dict[str, str], timeout: float,
                            pass_fds=command.pass_fds)
     finally:
         command.close()
-
-
-def require_bwrap(what: str) -> None:
-    if not bwrap_available():
-        raise EvalError(f"{what} needs bubblewrap (apt-get install bubblewrap) or a container engine (--container)")
 
 
 def scratch_argv(binds: Iterable[Bind], workdir: str, *, network: bool = False,
