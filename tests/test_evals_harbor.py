@@ -47,29 +47,34 @@ def _check(argv: list[str], what: str) -> None:
 
 
 def _official_root() -> Path:
-    """A Debian root with Python 3.13 and the official packages in /opt/venv, built once."""
+    """A Debian root with Python 3.13 and the official packages in /opt/venv, built once (into a
+    folder of its own, renamed into place when complete: a parallel build loses the race cleanly)."""
     key = hashlib.sha256(" ".join((SUITE, *PINS)).encode()).hexdigest()[:12]
     root = cache_root() / "evals" / "official" / key
-    if (root / "opt" / "venv" / "ready").is_file():
+    if root.is_dir():
         return root
     if shutil.which("mmdebstrap") is None:
         pytest.fail("the differential tests need mmdebstrap to make their Python 3.13 root: apt-get install mmdebstrap")
-    building = root.with_name(key + ".building")
-    shutil.rmtree(building, ignore_errors=True)
-    building.parent.mkdir(parents=True, exist_ok=True)
-    _check(["mmdebstrap", "--quiet", "--variant=essential", "--include=python3,python3-venv", SUITE, str(building),
-            MIRROR], "mmdebstrap")
-    for folder in ("wheels", "venv", "work"):
-        (building / "opt" / folder).mkdir(parents=True, exist_ok=True)
-    _check([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--python-version", "3.13",
-            "--platform", "manylinux2014_x86_64", "--only-binary=:all:", "-d", str(building / "opt" / "wheels"),
-            *PINS], "pip download")
-    _check(["bwrap", "--bind", str(building), "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-            "--unshare-all", "--die-with-parent", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--", "sh", "-c",
-            "python3 -m venv /opt/venv && /opt/venv/bin/pip install --quiet --no-index --no-deps /opt/wheels/*.whl"
-            " && touch /opt/venv/ready"], "installing the official packages")
-    shutil.rmtree(root, ignore_errors=True)
-    building.rename(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=root.parent))
+    try:
+        _check(["mmdebstrap", "--quiet", "--variant=essential", "--include=python3,python3-venv", SUITE,
+                str(building), MIRROR], "mmdebstrap")
+        for folder in ("wheels", "venv", "work"):
+            (building / "opt" / folder).mkdir(parents=True, exist_ok=True)
+        _check([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--python-version", "3.13",
+                "--platform", "manylinux2014_x86_64", "--only-binary=:all:", "-d", str(building / "opt" / "wheels"),
+                *PINS], "pip download")
+        _check(["bwrap", "--bind", str(building), "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+                "--unshare-all", "--die-with-parent", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--", "sh",
+                "-c", "python3 -m venv /opt/venv && /opt/venv/bin/pip install --quiet --no-index --no-deps "
+                "/opt/wheels/*.whl"], "installing the official packages")
+        building.rename(root)
+    except OSError:
+        if not root.is_dir():
+            raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
     return root
 
 
