@@ -131,7 +131,7 @@ def tbench_cmd(
     ray: str | None = typer.Option(None, "--ray", help=RAY_HELP),
     as_json: bool = typer.Option(False, "--json", help="JSON lines; the last one is the summary."),
 ) -> None:
-    """Run an agent on Terminal-Bench tasks and read the verifiers' rewards."""
+    """Run an agent on Terminal-Bench tasks, graded as Harbor (2.0) and terminal-bench (1.0) grade them."""
     from evals import tbench
     from evals.container import detect_engine
     from evals.proc import EvalError
@@ -154,4 +154,6 @@ def tbench_cmd(
     except EvalError as e:
         raise fail(str(e)) from None
     records = {t.name: read_report(cfg.out / "tasks" / t.name / "result.json") or {} for t in selected}
-    _finish({**summary, "out": str(cfg.out)}, records, as_json, task_table)
+    # Harbor's metric, the number to publish: on the table's summary lines too
+    shown = {} if as_json else {f"metrics.{k}": round(v, 4) for k, v in summary["metrics"].items()}
+    _finish({**summary, **shown, "out": str(cfg.out)}, records, as_json, task_table)
