@@ -139,3 +139,53 @@ def test_the_agent_cannot_read_the_gold_patches(calc, tmp_path, monkeypatch):  #
     assert '+"""Sandboxed runs for the eval harnesses.' in leak  # the checkout was shown...
     assert "No such file or directory" in leak  # ...but not its data
     assert '"instance_id"' not in leak and "build_mini_swebench.py" not in leak
+
+
+def test_what_counts_as_test_infrastructure(tmp_path):
+    """conftest.py, pytest/tox files, the pytest/tox sections of setup.cfg and pyproject.toml (not
+    their other sections), files of the test patch, the runner the test command names; and
+    --strict drops exactly those files' changes."""
+    from evals.envs import EnvSpec
+    from evals.grader import suspicious_files, without_files
+    from evals.instances import parse_instance
+    from evals.proc import git
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    base = {"setup.cfg": "[metadata]\nname = x\n\n[tool:pytest]\naddopts = -q\n",
+            "pyproject.toml": '[project]\nname = "x"\nversion = "1"\n\n[tool.pytest.ini_options]\naddopts = "-q"\n',
+            "tests/runtests.py": "print('run')\n", "tests/test_a.py": "def test_a():\n    pass\n", "x.py": "x = 1\n"}
+    for path, text in base.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(text)
+    git("init", "--quiet", cwd=repo)
+    git("add", "--all", cwd=repo)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "base", cwd=repo)
+    commit = git("rev-parse", "HEAD", cwd=repo).strip()
+
+    def diff(edits: dict[str, str]) -> str:
+        for path, text in edits.items():
+            (repo / path).parent.mkdir(parents=True, exist_ok=True)
+            (repo / path).write_text(text)
+        git("add", "--all", cwd=repo)
+        patch = git("diff", "--cached", commit, cwd=repo)
+        git("reset", "--quiet", "--hard", commit, cwd=repo)
+        git("clean", "--quiet", "-fd", cwd=repo)
+        return patch
+
+    instance = parse_instance({"instance_id": "a__b-1", "repo": "a/b", "base_commit": commit, "patch": "",
+                               "test_patch": diff({"tests/test_a.py": "def test_a():\n    assert 1\n"}),
+                               "problem_statement": "", "version": "1", "FAIL_TO_PASS": [], "PASS_TO_PASS": []})
+    spec = EnvSpec("a/b", ("*",), "3.11", test_cmd="./tests/runtests.py --verbosity 2")
+    innocent = diff({"x.py": "x = 2\n", "setup.cfg": base["setup.cfg"].replace("name = x", "name = y"),
+                     "pyproject.toml": base["pyproject.toml"].replace('version = "1"', 'version = "2"')})
+    assert suspicious_files(innocent, instance, spec, repo) == []
+    cheat = diff({"x.py": "x = 2\n", "setup.cfg": base["setup.cfg"].replace("-q", "-p cheat"),
+                  "pyproject.toml": base["pyproject.toml"] + 'python_files = ["nothing"]\n',
+                  "sub/conftest.py": "", "tox.ini": "[tox]\n", "tests/runtests.py": "print('all ok')\n",
+                  "tests/test_a.py": "", "sitecustomize.py": ""})
+    flagged = suspicious_files(cheat, instance, spec, repo)
+    assert sorted(flagged) == ["pyproject.toml", "setup.cfg", "sitecustomize.py", "sub/conftest.py",
+                               "tests/runtests.py", "tests/test_a.py", "tox.ini"]
+    kept = without_files(cheat, flagged)
+    assert "diff --git a/x.py b/x.py" in kept and "conftest" not in kept and "setup.cfg" not in kept

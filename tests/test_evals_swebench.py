@@ -19,7 +19,6 @@ import pytest
 
 from evals import swebench
 from evals.agents import EmptyAgent, OracleAgent, PredictionsAgent, V4Agent, make_agent
-from evals.container import container_script, official_image
 from evals.envs import SpecTable
 from evals.grader import Limits
 from evals.instances import load_instances, load_predictions, parse_instance
@@ -266,15 +265,17 @@ def test_an_eval_script_runs_at_testbed_and_applies_the_tests_itself(calc):
         "unresolved")
 
 
-def test_container_grading_script_and_image_names(calc):
-    instance = calc.instance()
-    assert official_image("django__django-11099") == "swebench/sweb.eval.x86_64.django_1776_django-11099:latest"
-    script = container_script(instance, SpecTable(calc.spec_file), has_patch=True)
-    lines = script.splitlines()
-    assert lines[0] == "source /opt/miniconda3/bin/activate && conda activate testbed" and lines[1] == "cd /testbed"
-    assert "git apply -v /eval/model.patch" in script
-    assert f"git checkout {instance.base_commit} -- tests/test_calc.py 2>/dev/null || true" in lines
-    assert lines[-3:] == ["echo '>>>>> Start Test Output'",
-                          "python -m pytest -rA -p no:cacheprovider tests/test_calc.py",
-                          "echo '>>>>> End Test Output'"]
-    assert "model.patch" not in container_script(instance, SpecTable(calc.spec_file), has_patch=False)
+
+
+def test_predictions_for_unknown_instances_are_an_error(tmp_path):
+    """Officially an error, not predictions quietly left out; nothing runs."""
+    from typer.testing import CliRunner
+
+    from agent.cli.eval import app
+
+    (tmp_path / "p.jsonl").write_text(json.dumps({"instance_id": "nope__nope-1", "model_name_or_path": "m",
+                                                  "model_patch": "x"}) + "\n")
+    result = CliRunner().invoke(app, ["swebench", "mini", "--predictions", str(tmp_path / "p.jsonl"),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "predictions for instances not in" in result.output
+    assert "nope__nope-1" in result.output and not (tmp_path / "out").exists()
