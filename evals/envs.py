@@ -21,17 +21,36 @@ The repository under test is never installed into the shared venv (parallel inst
 race); it is imported from the work tree through `pythonpath`, or built in place by `pre_test`.
 A repository whose own config changes how tests run says so here: a plugin its pytest config
 requires goes in `install`, an `addopts` to drop goes in `test_cmd` (`-o addopts=""`).
+
+A (repo, version) no table entry matches takes the official spec: MAP_REPO_VERSION_TO_SPECS of
+the `swebench` package, release 4.1.0 (the last that carries it; 5.x ships per-instance scripts
+instead), read from that release's wheel (downloaded once into the cache, hash checked) so it
+never conflicts with the 5.x package the grader imports. An official spec installs the repository
+into its environment (`repo_install`) and may run system commands (`pre_install`): only in a
+container (`--container`, evals/container.py). Its `requirements.txt` / `environment.yml` is read
+from the repository at the instance's `environment_setup_commit`, as the official harness reads
+it from GitHub; conda's environment.yml is installed with pip (see docs/evals.md).
+
+A `python` version not on PATH is provisioned with uv (`uv python find`, then `uv python install`).
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
+import tempfile
 import tomllib
-from dataclasses import asdict, dataclass, field
+import zipfile
+from dataclasses import asdict, dataclass, field, replace
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 from evals.cache import evals_cache, locked
 from evals.logparse import parser_for
@@ -55,6 +74,19 @@ class EnvSpec:
     log_parser: str = "pytest"
     env: dict[str, str] = field(default_factory=dict)  # extra variables for the tests
     venv: str | None = None  # an existing environment to use as is
+    # official specs (container only): system/repository setup run as root, the repository's own
+    # install into the environment, and shell lines the tests run after (exports)
+    pre_install: tuple[str, ...] = ()
+    repo_install: str | None = None
+    eval_commands: tuple[str, ...] = ()
+    # official specs: a requirements file (the first of these paths that exists) or a conda
+    # environment.yml, read from the repository at the instance's environment_setup_commit
+    requirements: tuple[str, ...] = ()
+    environment_yml: tuple[str, ...] = ()
+
+    @property
+    def container_only(self) -> bool:
+        return bool(self.pre_install or self.repo_install or self.requirements or self.environment_yml)
 
     def matches(self, repo: str, version: str) -> bool:
         return self.repo == repo and ("*" in self.versions or version in self.versions)
@@ -88,7 +120,7 @@ def load_specs(path: Path) -> list[EnvSpec]:
 
 
 class SpecTable:
-    """Specs looked up by (repo, version); later files take precedence."""
+    """Specs looked up by (repo, version); later files take precedence, the official table last."""
 
     def __init__(self, extra: Path | None = None) -> None:
         self.specs = load_specs(BUNDLED_SPECS) + (load_specs(extra) if extra else [])
@@ -97,16 +129,207 @@ class SpecTable:
         for spec in reversed(self.specs):
             if spec.matches(repo, version):
                 return spec
+        if repo in OFFICIAL_REPOS:
+            return official_spec(repo, version)
         raise EvalError(f"no environment spec for {repo} version {version}: add one to a spec file "
                         "and pass it with --env-spec (see docs/evals.md)")
 
 
+# --- the official specs (swebench 4.1.0) ---------------------------------------------------------
+
+OFFICIAL_RELEASE = "swebench==4.1.0"
+_OFFICIAL_WHEEL = ("swebench-4.1.0-py3-none-any.whl", "1243776f720047cc9e20a427f7a52b75c13a07abda6154fb60fe77f82ec8af57")
+# Python repositories the official table covers (swe-bench/humaneval is a toy, left out); the
+# first twelve are SWE-bench Verified's.
+VERIFIED_REPOS = ("astropy/astropy", "django/django", "matplotlib/matplotlib", "mwaskom/seaborn", "pallets/flask",
+                  "psf/requests", "pydata/xarray", "pylint-dev/pylint", "pytest-dev/pytest",
+                  "scikit-learn/scikit-learn", "sphinx-doc/sphinx", "sympy/sympy")
+OFFICIAL_REPOS = VERIFIED_REPOS + ("dbt-labs/dbt-core", "marshmallow-code/marshmallow", "pvlib/pvlib-python",
+                                   "pydicom/pydicom", "pylint-dev/astroid", "pyvista/pyvista", "sqlfluff/sqlfluff")
+
+
+def official_wheel(cache_dir: Path | None = None) -> Path:
+    """The pinned swebench release's wheel, from the cache or PyPI (`pip download`), hash checked."""
+    folder = (cache_dir or evals_cache()) / "official"
+    wheel = folder / _OFFICIAL_WHEEL[0]
+    with locked(folder):
+        if not wheel.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary",
+                                       ":all:", OFFICIAL_RELEASE, "-d", tmp], capture_output=True, text=True)
+                if done.returncode != 0 or not (Path(tmp) / wheel.name).is_file():
+                    raise EvalError(f"the official specs come from {OFFICIAL_RELEASE}, which pip cannot download "
+                                    f"here: {done.stderr.strip()[-1500:]}")
+                os.replace(Path(tmp) / wheel.name, wheel)
+    if hashlib.sha256(wheel.read_bytes()).hexdigest() != _OFFICIAL_WHEEL[1]:
+        raise EvalError(f"{wheel}: sha256 differs from the {OFFICIAL_RELEASE} release; delete it to download again")
+    return wheel
+
+
+@cache
+def official_tables() -> dict[str, Any]:
+    """From the wheel: MAP_REPO_VERSION_TO_SPECS_PY, MAP_REPO_TO_REQS_PATHS and
+    MAP_REPO_TO_ENV_YML_PATHS (constants/python.py, plain data with no imports: executed on
+    its own), and the name of each repository's log parser (MAP_REPO_TO_PARSER_PY, read from
+    the source, not imported: its module needs the package)."""
+    with zipfile.ZipFile(official_wheel()) as wheel:
+        constants = wheel.read("swebench/harness/constants/python.py").decode()
+        parsers = wheel.read("swebench/harness/log_parsers/python.py").decode()
+    tree = ast.parse(constants)
+    if any(isinstance(node, (ast.Import, ast.ImportFrom)) for node in ast.walk(tree)):
+        raise EvalError("swebench's constants/python.py imports modules: not the plain table this reads")
+    namespace: dict[str, Any] = {}
+    exec(compile(tree, "swebench/harness/constants/python.py", "exec"), namespace)  # noqa: S102 - pinned, hashed
+    parser_names = {}
+    for node in ast.walk(ast.parse(parsers)):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "MAP_REPO_TO_PARSER_PY" for t in node.targets):
+            assert isinstance(node.value, ast.Dict)
+            parser_names = {ast.literal_eval(k): v.id for k, v in zip(node.value.keys, node.value.values)
+                            if k is not None and isinstance(v, ast.Name)}
+    return {"specs": namespace["MAP_REPO_VERSION_TO_SPECS_PY"], "reqs": namespace["MAP_REPO_TO_REQS_PATHS"],
+            "env_yml": namespace["MAP_REPO_TO_ENV_YML_PATHS"], "parsers": parser_names}
+
+
+def official_spec(repo: str, version: str) -> EnvSpec:
+    """The official spec of (repo, version) as an EnvSpec: python, its packages (a list, or the
+    repository's requirements.txt / environment.yml) and pip_packages, pre_install, install,
+    eval_commands, test_cmd, the test directives' style and the official log parser."""
+    tables = official_tables()
+    found = tables["specs"].get(repo, {}).get(version)
+    if found is None:
+        known = ", ".join(sorted(tables["specs"].get(repo, {}))) or "none"
+        raise EvalError(f"the official specs have no {repo} version {version} (versions: {known})")
+    packages = found.get("packages", "")
+    install = []
+    if packages and packages not in ("requirements.txt", "environment.yml"):
+        install.append(f"python -m pip install {packages}")  # conda package names; PyPI's are the same
+    if found.get("pip_packages"):
+        install.append("python -m pip install " + " ".join(found["pip_packages"]))
+    test_cmd = found["test_cmd"]
+    return EnvSpec(
+        repo=repo, versions=(version,), python=found["python"], install=tuple(install),
+        test_cmd=test_cmd if isinstance(test_cmd, str) else " && ".join(test_cmd),
+        test_directives="django" if repo == "django/django" else "files",
+        log_parser=tables["parsers"].get(repo, "parse_log_pytest"),
+        env={k: str(v) for k, v in found.get("env_vars", {}).items()},
+        pre_install=tuple(found.get("pre_install", ())), repo_install=found.get("install"),
+        eval_commands=tuple(found.get("eval_commands", ())),
+        requirements=tuple(tables["reqs"].get(repo, ())) if packages == "requirements.txt" else (),
+        environment_yml=tuple(tables["env_yml"].get(repo, ())) if packages == "environment.yml" else ())
+
+
+_REQ_EXCLUDED = ("-e .", "#", ".[test")  # the official get_requirements_by_commit's exclusions
+_REPLACED = (("types-pkg_resources", "types-setuptools"),)  # yanked from PyPI (official clean_requirements)
+
+
+def _show(repo_dir: Path, commit: str, path: str) -> str | None:
+    done = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=repo_dir, capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else None
+
+
+def requirements_text(spec: EnvSpec, repo_dir: Path, commit: str) -> str:
+    """The official requirements text for `spec` at `commit` of the repository in `repo_dir`:
+    the first listed file that exists, `-r` includes inlined first, `-e .`, comments and
+    `.[test` lines dropped, yanked packages replaced (swebench's get_requirements)."""
+    for path in spec.requirements:
+        text = _show(repo_dir, commit, path)
+        if text is not None:
+            break
+    else:
+        raise EvalError(f"{spec.repo}: none of {', '.join(spec.requirements)} at {commit}")
+    folder = "/".join(path.split("/")[:-1])
+    included, own = [], []
+    for line in text.split("\n"):
+        if line.strip().startswith("-r"):
+            extra = _show(repo_dir, commit, "/".join(p for p in (folder, line.strip()[2:].strip()) if p))
+            included += [x for x in (extra or "").split("\n") if not x.strip().startswith(_REQ_EXCLUDED)]
+        elif not line.strip().startswith(_REQ_EXCLUDED):
+            own.append(line)
+    merged = "\n".join([*included, "\n".join(own)])
+    for old, new in _REPLACED:
+        merged = re.sub(rf"^{re.escape(old)}([<>=!~]=?.*|$)", new, merged, flags=re.MULTILINE)
+    return merged
+
+
+def environment_yml_requirements(spec: EnvSpec, repo_dir: Path, commit: str) -> str:
+    """A conda environment.yml as pip requirements (no conda here): its dependencies (a conda
+    pin `name=1.2` becomes `name==1.2`; python and pip left out) and its `pip:` list."""
+    for path in spec.environment_yml:
+        text = _show(repo_dir, commit, path)
+        if text is not None:
+            break
+    else:
+        raise EvalError(f"{spec.repo}: none of {', '.join(spec.environment_yml)} at {commit}")
+    lines, in_deps = [], False
+    for raw in text.splitlines():
+        stripped = raw.split("#", 1)[0].rstrip()
+        if not stripped:
+            continue
+        if not raw.startswith((" ", "-")):
+            in_deps = stripped.startswith("dependencies:")
+            continue
+        item = stripped.strip().removeprefix("- ").strip().strip("'\"")
+        if not in_deps or item.endswith(":") or not item:
+            continue
+        name = re.split(r"[<>=!~ \[]", item, maxsplit=1)[0].split("::")[-1]
+        if name in ("python", "pip"):
+            continue
+        lines.append(re.sub(r"(?<![<>=!~])=(?!=)", "==", item.split("::")[-1]))
+    return "\n".join(lines)
+
+
+def resolved_for(spec: EnvSpec, repo_dir: Path, commit: str) -> EnvSpec:
+    """`spec` with its requirements file / environment.yml read from the repository at `commit`
+    and turned into an install step (so the environment's key depends on what it installs)."""
+    if not (spec.requirements or spec.environment_yml):
+        return spec
+    text = requirements_text(spec, repo_dir, commit) if spec.requirements else \
+        environment_yml_requirements(spec, repo_dir, commit)
+    delimiter = "EOF_59812759871"  # the official heredoc delimiter
+    step = f"cat <<'{delimiter}' > /tmp/requirements.txt\n{text}\n{delimiter}\npython -m pip install -r /tmp/requirements.txt"
+    return replace(spec, install=(step, *spec.install), requirements=(), environment_yml=())
+
+
+# --- Python interpreters -------------------------------------------------------------------------
+
+def _runs(python: str, version: str) -> bool:
+    """Whether `python` starts and is `version` (a pyenv shim for a version not selected is on
+    PATH but fails)."""
+    try:
+        done = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                              capture_output=True, text=True, timeout=60)
+    except OSError:
+        return False
+    return done.returncode == 0 and done.stdout.strip() == version
+
+
+def _uv() -> str | None:
+    beside = Path(sys.executable).with_name("uv")  # the `uv` package's binary, installed with us
+    return str(beside) if beside.is_file() else shutil.which("uv")
+
+
 def find_python(version: str) -> str:
-    found = shutil.which(f"python{version}")
-    if not found:
-        raise EvalError(f"python{version} is not on PATH: install it, or change the spec's python "
-                        "(or use --container)")
-    return found
+    """An interpreter for `version`: `pythonX.Y` on PATH that runs, else one uv finds or installs."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(folder or ".") / f"python{version}"
+        if candidate.is_file() and os.access(candidate, os.X_OK) and _runs(str(candidate), version):
+            return str(candidate)
+    uv = _uv()
+    if uv is None:
+        raise EvalError(f"python{version} is not on PATH and uv is not installed to provision it "
+                        "(pip install 'v4agent[scale]'), or use --container")
+    found = subprocess.run([uv, "python", "find", "--no-project", version], capture_output=True, text=True)
+    if found.returncode != 0:
+        installed = subprocess.run([uv, "python", "install", version], capture_output=True, text=True)
+        if installed.returncode != 0:
+            raise EvalError(f"python{version} is not on PATH and `uv python install {version}` failed:\n"
+                            f"{installed.stderr.strip()[-2000:]}")
+        found = subprocess.run([uv, "python", "find", "--no-project", version], capture_output=True, text=True)
+    python = found.stdout.strip()
+    if found.returncode != 0 or not _runs(python, version):
+        raise EvalError(f"uv found no working python{version}: {found.stderr.strip()[-1000:]}")
+    return python
 
 
 def venv_environ(venv: Path, base: dict[str, str]) -> dict[str, str]:
@@ -118,6 +341,9 @@ def ensure_env(spec: EnvSpec, root: Path | None = None) -> Path:
     """The venv for `spec`, built now if this is its first use (under a lock: once per key)."""
     if spec.venv:
         return Path(spec.venv)
+    if spec.container_only:
+        raise EvalError(f"the environment of {spec.repo} {spec.versions[0]} (an official spec: it installs the "
+                        "repository and may run system commands) is built only in a container: use --container")
     venv = (root or evals_cache() / "envs") / spec.env_key
     with locked(venv):
         if (venv / _READY).is_file():

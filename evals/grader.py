@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -224,7 +225,8 @@ def _read_only(venv: Path) -> list[Path]:
 
 
 def grade(instance: Instance, model_patch: str, worktree: Path, spec: EnvSpec, venv: Path, logs: Path,
-          limits: Limits = Limits(), strict: bool = False) -> dict[str, Any]:
+          limits: Limits = Limits(), strict: bool = False, runner: Callable[..., Finished] | None = None
+          ) -> dict[str, Any]:
     """The official report fields for one non-empty prediction, plus `test_seconds` and
     `suspicious` (and `strict_dropped` with `strict`). `worktree`: a fresh checkout at the base
     commit; `logs`: the instance's folder (patch.diff, eval.sh, run_instance.log, test_output.txt,
@@ -248,13 +250,14 @@ def grade(instance: Instance, model_patch: str, worktree: Path, spec: EnvSpec, v
         raise EvalError(f"{instance.instance_id}: the patch does not apply (official: an error; "
                         f"see {log})")
     read_only = _read_only(venv)
+    run_tests = runner or _sandboxed  # evals.container: the instance's container instead of the sandbox
     for command in spec.pre_test:
-        done = _sandboxed(worktree, ["/bin/bash", "-c", command], env, limits, [], read_only)
+        done = run_tests(worktree, ["/bin/bash", "-c", command], env, limits, [], read_only)
         with log.open("a") as sink:
             sink.write(f"$ {command}\n{done.output}\n[exit {done.code}]\n")
         if not done.ok:
             raise EvalError(f"pre_test command {command!r} failed:\n{done.output[-2000:]}")
-    done = _sandboxed(worktree, ["/bin/bash", EVAL_FILE], env, limits,
+    done = run_tests(worktree, ["/bin/bash", EVAL_FILE], env, limits,
                       [Bind(logs / "eval.sh", EVAL_FILE, writable=False)], read_only)
     output = done.output
     if done.timed_out:  # what the official harness appends before it gives up on the instance

@@ -246,3 +246,90 @@ def test_readme_quick_check_swebench_mini(tmp_path: Path) -> None:
     empty = _cli("eval", "swebench", "mini", "--agent", "empty", "--json", cwd=tmp_path)
     summary = json.loads(empty.stdout.splitlines()[-1])
     assert (empty.returncode, summary["total"], summary["resolved"]) == (0, 5, 0), empty.stdout + empty.stderr
+
+
+# --- environments: the official specs, Python interpreters ------------------------------------------
+
+def test_official_specs_for_all_twelve_verified_repositories() -> None:
+    """Needs PyPI once (the swebench 4.1.0 wheel, cached and hash checked)."""
+    from evals.envs import VERIFIED_REPOS, official_tables
+
+    table = SpecTable()
+    specs = official_tables()["specs"]
+    assert len(VERIFIED_REPOS) == 12
+    for repo in VERIFIED_REPOS:
+        assert specs[repo], repo
+        for version, raw in specs[repo].items():
+            spec = table.lookup(repo, version)
+            assert (spec.repo, spec.versions, spec.python, spec.repo_install) == (repo, (version,), raw["python"],
+                                                                                raw.get("install"))
+            assert spec.test_cmd == raw["test_cmd"] and spec.container_only
+    django = table.lookup("django/django", "3.0")
+    assert (django.python, django.test_directives, django.log_parser) == ("3.6", "django", "parse_log_django")
+    assert django.requirements == ("tests/requirements/py3.txt",) and "export LANG=en_US.UTF-8" in django.eval_commands
+    assert table.lookup("sympy/sympy", "1.12").log_parser == "parse_log_sympy"
+    assert table.lookup("astropy/astropy", "5.0").log_parser == "parse_log_astropy"
+    assert table.lookup("pydata/xarray", "2022.06").environment_yml == ("ci/requirements/environment.yml",
+                                                                        "environment.yml")
+    sklearn = table.lookup("scikit-learn/scikit-learn", "0.20")
+    assert sklearn.python == "3.6" and any("numpy==1.19.2" in step for step in sklearn.install)
+    with pytest.raises(EvalError, match="no django/django version 0.1"):
+        table.lookup("django/django", "0.1")
+    from evals.envs import ensure_env
+    with pytest.raises(EvalError, match="use --container"):
+        ensure_env(django)
+
+
+def test_requirements_and_environment_yml_read_from_the_repository(tmp_path: Path) -> None:
+    """As the official get_requirements / environment.yml reading, from git instead of GitHub."""
+    from evals.envs import environment_yml_requirements, requirements_text, resolved_for
+
+    repo = tmp_path / "r"
+    (repo / "tests" / "requirements").mkdir(parents=True)
+    (repo / "tests" / "requirements" / "py3.txt").write_text("-r base.txt\n# a comment\n-e .\nasgiref >= 3.2\n")
+    (repo / "tests" / "requirements" / "base.txt").write_text("pytz\ntypes-pkg_resources==0.1\n")
+    (repo / "environment.yml").write_text("name: env\nchannels:\n  - conda-forge\ndependencies:\n  - python=3.10\n"
+                                         "  - numpy=1.23\n  - pip\n  - pip:\n      - pytest-xdist\n")
+    git("init", "--quiet", cwd=repo)
+    git("add", "--all", cwd=repo)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "env", cwd=repo)
+    commit = git("rev-parse", "HEAD", cwd=repo).strip()
+    django = SpecTable().lookup("django/django", "3.0")
+    assert requirements_text(django, repo, commit).split("\n") == ["pytz", "types-setuptools", "", "asgiref >= 3.2", ""]
+    resolved = resolved_for(django, repo, commit)
+    assert resolved.install[0].endswith("python -m pip install -r /tmp/requirements.txt") and not resolved.requirements
+    xarray = SpecTable().lookup("pydata/xarray", "2022.06")
+    assert environment_yml_requirements(xarray, repo, commit).split("\n") == ["numpy==1.23", "pytest-xdist"]
+
+
+def test_find_python_skips_an_interpreter_on_path_that_does_not_run(tmp_path: Path, monkeypatch) -> None:
+    """A pyenv shim for a version that is not selected is on PATH and fails: the next one counts."""
+    from evals.envs import find_python
+
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    (shims / "python3.11").write_text("#!/bin/sh\necho 'pyenv: python3.11: command not found' >&2\nexit 127\n")
+    (shims / "python3.11").chmod(0o755)
+    real = Path(sys.executable).resolve()
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "python3.11").symlink_to(real)
+    monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{good}{os.pathsep}/usr/bin:/bin")
+    assert find_python("3.11") == str(good / "python3.11")
+
+
+def test_uv_provisions_a_python_that_is_not_on_path(tmp_path: Path, monkeypatch) -> None:
+    """uv downloads CPython builds from GitHub: where it cannot (this project's machines reach
+    only the package registries), the test skips with uv's own message."""
+    from evals.envs import find_python
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no pythonX.Y of ours on PATH
+    monkeypatch.setenv("UV_PYTHON_INSTALL_DIR", str(tmp_path / "uv-python"))
+    try:
+        python = find_python("3.9")
+    except EvalError as e:
+        if "uv python install 3.9` failed" in str(e) and ("Failed to download" in str(e) or "dns" in str(e).lower()):
+            pytest.skip(f"uv cannot download CPython here: {str(e)[-400:]}")
+        raise
+    version = subprocess.run([python, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True)
+    assert version.stdout.strip() == "(3, 9)"

@@ -1,0 +1,85 @@
+"""`--container`: SWE-bench instances graded in a real container (podman or Docker) on images
+built here: the base from a Debian root file system (mmdebstrap), an environment image, and one
+instance container whose network is cut before the tests run.
+
+Building the base image takes minutes (mmdebstrap), so these tests use it only when it is
+already there (`python -m evals.container base` builds it; CI does that as a cached step); the
+build itself is the `slow` test. Without a working engine they skip, saying why."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from evals import swebench
+from evals.agents import EmptyAgent, OracleAgent
+from evals.container import Engine, base_image, base_image_name, detect_engine, image_exists, official_base_packages
+from evals.envs import SpecTable
+from evals.instances import load_instances
+from evals.repos import RepoStore
+from tests.test_evals_scale import _rows
+
+pytestmark = pytest.mark.container
+
+
+def _engine_or_skip() -> Engine:
+    engine = detect_engine()
+    if engine is None:
+        answers = [subprocess.run([cli, "info"], capture_output=True, text=True) for cli in ("podman", "docker")
+                   if subprocess.run(["which", cli], capture_output=True).returncode == 0]
+        reasons = "; ".join(a.stderr.strip()[-300:] for a in answers) or "neither podman nor docker is installed"
+        pytest.skip(f"no container engine answers here: {reasons}")
+    return engine
+
+
+def _base_or_skip(engine: Engine) -> str:
+    image = base_image_name()  # base_image() would build it when missing: the slow test's job
+    if not image_exists(engine, image):
+        pytest.skip(f"the base image {image} is not built: python -m evals.container base (minutes)")
+    probe = subprocess.run([engine.cli, "run", "--rm", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096",
+                            "--network", "none", image, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"{engine.cli} cannot run a container here: {probe.stderr.strip()[-500:]}")
+    return image
+
+
+@pytest.mark.slow
+def test_build_the_base_image_from_debian() -> None:
+    engine = _engine_or_skip()
+    assert {"git", "build-essential", "python3"} <= set(official_base_packages())  # the official Dockerfile's
+    image = base_image(engine)
+    done = subprocess.run([engine.cli, "run", "--rm", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096",
+                           "--network", "none", image, "bash", "-c", "git --version && python3 -m venv /tmp/v && gcc --version"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_an_instance_graded_in_a_container(tmp_path: Path) -> None:
+    engine = _engine_or_skip()
+    _base_or_skip(engine)
+    rows = _rows(tmp_path / "source")
+    jsonl = tmp_path / "instances.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"spec": [{
+        "repo": "acme/calc", "versions": ["1.0"], "python": "3.11", "install": ["python -m pip install pytest==8.3.5"],
+        "pythonpath": ["."],
+        "test_cmd": "python -c 'import os, sys; print(\"interpreter\", sys.prefix, \"network\", sorted(os.listdir("
+                    "\"/sys/class/net\")))'; python -m pytest -rA -p no:cacheprovider"}]}))
+    instances = load_instances(jsonl)
+    results = {}
+    for agent in (OracleAgent(), EmptyAgent()):
+        cfg = swebench.RunConfig(out=tmp_path / agent.name, agent=agent, store=RepoStore(tmp_path / "source"),
+                                 specs=SpecTable(spec), engine=engine)
+        results[agent.name] = swebench.run(instances, cfg)
+    assert results["oracle"]["resolved_ids"] == ["acme__calc-1", "acme__calc-2"], results
+    assert results["empty"]["resolved"] == 0
+    output = (tmp_path / "oracle" / "instances" / "acme__calc-1" / "test_output.txt").read_text()
+    assert "interpreter /opt/venv network ['lo']" in output  # the image's venv; no network but loopback
+    assert "1 passed" not in output and "2 passed" in output
+    leftovers = subprocess.run([engine.cli, "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True)
+    assert "v4agent-eval-" not in leftovers.stdout  # every instance container removed
+
