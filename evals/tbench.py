@@ -30,7 +30,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from glob import glob
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -328,12 +328,13 @@ def _oracle(task: Task, env: Environment, trial: Path) -> tuple[Finished, str, l
 
 def backend_access(template: str, environ: dict[str, str] | os._Environ[str] = os.environ,
                    ) -> tuple[dict[str, str], list[Path]]:
-    """What `v4agent fix` needs from the host to reach its model inside the scratch root: the
-    v4agent settings and API keys of this environment, and the files they name (config file,
-    weights, script), read-only. EvalError when no backend is configured at all: like
-    `v4agent fix`, the run refuses to start rather than score every task as a failure."""
+    """What `v4agent fix` needs from the host to reach its model inside the scratch root: this
+    environment's v4agent settings (config file and V4AGENT_* merged, passed as V4AGENT_*
+    variables) and API keys, and the files that name the model (weights, script), read-only.
+    EvalError when no backend is configured at all: like `v4agent fix`, the run refuses to start
+    rather than score every task as a failure."""
     from agent.backends.http import API_KEY_VARIABLES
-    from agent.settings import SettingsError, config_path, load_settings
+    from agent.settings import SettingsError, load_settings
 
     argv = shlex.split(template)
     named = [argv[i + 1] for i, word in enumerate(argv[:-1]) if word in ("--weights", "--script")]
@@ -347,12 +348,10 @@ def backend_access(template: str, environ: dict[str, str] | os._Environ[str] = o
         raise EvalError("the v4 agent has no model to talk to: give --v4-cmd a backend (--weights DIR, --endpoint "
                         "URL --model NAME, or --script FILE), or set one in ~/.config/v4agent/config.toml or "
                         "V4AGENT_WEIGHTS / V4AGENT_ENDPOINT + V4AGENT_MODEL (docs/evals.md)")
-    variables = {k: v for k, v in environ.items() if k.startswith("V4AGENT_") or k in API_KEY_VARIABLES}
+    values = {field.name: getattr(settings, field.name) for field in fields(settings)}
+    variables = {f"V4AGENT_{name.upper()}": str(value) for name, value in values.items() if value is not None}
+    variables.update({name: environ[name] for name in API_KEY_VARIABLES if environ.get(name)})
     files = [Path(p) for p in (*named, settings.weights, settings.script) if p]
-    config = config_path(environ)[0]
-    if config.is_file():
-        files.append(config)
-        variables["V4AGENT_CONFIG"] = str(config.resolve())
     return variables, [p.resolve() for p in files if p.exists()]
 
 

@@ -415,7 +415,8 @@ def system_folder():
 
 
 def test_the_agent_cannot_read_the_tasks_tests_or_solution(tmp_path, monkeypatch, system_folder):
-    """The v4 agent (scripted turns through the real `v4agent fix`) copies whatever it can read
+    """The v4 agent (scripted turns through the real `v4agent fix`, the script named in the
+    user's config file) copies whatever it can read
     of the task's tests and solution, from a task folder under /opt and from this checkout's
     bundled tasks, into /app; the verifier rewards any of it."""
     monkeypatch.setenv("V4AGENT_CACHE", str(tmp_path / "cache"))
@@ -430,10 +431,14 @@ def test_the_agent_cannot_read_the_tasks_tests_or_solution(tmp_path, monkeypatch
     script.parent.mkdir()
     script.write_text(json.dumps([{"content": "", "tool_calls": [{"name": "run", "arguments": {"command": steal}}]},
                                   {"content": "", "tool_calls": [{"name": "submit", "arguments": {"summary": "x"}}]}]))
+    # the backend from the user's config file, which the scratch root does not show: it must get there
+    (tmp_path / "config" / "v4agent").mkdir(parents=True)
+    (tmp_path / "config" / "v4agent" / "config.toml").write_text(f"script = {json.dumps(str(script))}\n")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("V4AGENT_CONFIG", raising=False)
     fix = f"{shlex.quote(sys.executable)} -c 'import typer; from agent.cli.fix import fix_cmd; typer.run(fix_cmd)'"
     cfg = tbench.TbenchConfig(out=tmp_path / "out", agent="v4",
-                              v4_cmd=f"{fix} --repo {{repo}} --issue-file {{issue_file}} --apply --json "
-                                     f"--script {script}")
+                              v4_cmd=f"{fix} --repo {{repo}} --issue-file {{issue_file}} --apply --json")
     record = tbench.run_task(load_task(task), cfg)
     stolen = (tmp_path / "out" / "tasks" / "secret" / "app" / "stolen.txt").read_text()
     assert "SOLUTION" not in stolen and "TESTS" not in stolen and "wc -w" not in stolen, stolen
