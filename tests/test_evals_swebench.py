@@ -140,7 +140,7 @@ def test_a_test_run_past_the_timeout_is_an_error_as_officially(calc):
 def test_a_silent_test_run_is_not_killed(calc):
     """No idle limit, as officially: a test that prints nothing for longer than any idle limit
     the harness used to have still finishes and counts."""
-    slow = calc.diff({"calc.py": calc.fixed_calc.replace("return a + b", "__import__('time').sleep(6)\n    return a + b")})
+    slow = calc.diff({"calc.py": calc.fixed_calc.replace("return a + b", "__import__('time').sleep(3)\n    return a + b")})
     record = swebench.run_instance(calc.instance(patch=slow), calc.config(OracleAgent(), limits=Limits(60)))
     assert record["outcome"] == "resolved", record
 
