@@ -88,14 +88,17 @@ def runner_args(test_patch: str, style: str) -> list[str]:
 
 def made_eval_script(instance: Instance, spec: EnvSpec) -> str:
     """The eval script the 4.x harness made for a row without one (make_eval_script_list_py),
-    without its conda lines: the spec's venv is on PATH instead."""
+    without its conda lines (the spec's venv is on PATH instead) and its `install` line (the
+    environment is built beforehand: `pre_test`, or the container's repository install)."""
     test_files = official("utils").get_modified_files(instance.test_patch)
     reset = f"git checkout {instance.base_commit} {' '.join(test_files)}"
     delimiter = _HEREDOC if _HEREDOC not in instance.test_patch else \
         official("utils").generate_heredoc_delimiter(instance.test_patch)
-    test_cmd = " ".join([spec.test_cmd, *map(shlex.quote, runner_args(instance.test_patch, spec.test_directives))])
+    style = "django" if instance.repo == "django/django" else spec.test_directives  # the official rule, by repo
+    test_cmd = " ".join([spec.test_cmd, *map(shlex.quote, runner_args(instance.test_patch, style))])
     constants = official("harness.constants")
-    lines = [f"cd {TESTBED}", f"git config --global --add safe.directory {TESTBED}", f"cd {TESTBED}", "git status",
+    lines = [f"cd {TESTBED}", *spec.eval_commands, f"git config --global --add safe.directory {TESTBED}",
+             f"cd {TESTBED}", "git status",
              "git show", f"git -c core.fileMode=false diff {instance.base_commit}", reset,
              f"git apply -v - <<'{delimiter}'\n{instance.test_patch}\n{delimiter}",
              f": '{constants.START_TEST_OUTPUT}'", test_cmd, f": '{constants.END_TEST_OUTPUT}'", reset]

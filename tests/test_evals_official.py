@@ -21,6 +21,7 @@ mistake cannot hide behind both sides agreeing on nothing."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -343,6 +344,25 @@ def test_recorded_logs_of_other_versions_are_graded_exactly_as_officially():
         compared, differing = compared + count, differing + found
     print(f"\nrecorded: {len(logs)} logs, {compared} reports compared")
     assert not differing, "\n".join(differing[:5])
+
+
+def test_a_row_without_an_eval_script_gets_the_script_the_4x_harness_made():
+    """eval_scripts_swebench_4.1.0.json: make_eval_script_list_py of swebench 4.1.0 (the last with
+    specs) for Django 3.0 (eval_commands) and 4.0, pytest and sympy, on a test patch with a data
+    file and a new file. Ours is the same but for the conda lines and the `install` line."""
+    from evals.grader import made_eval_script
+
+    for case in json.loads((FIXTURES / "eval_scripts_swebench_4.1.0.json").read_text()):
+        instance = parse_instance({"instance_id": "x__y-1", "repo": case["repo"], "base_commit": case["base_commit"],
+                                   "patch": "", "test_patch": case["test_patch"], "problem_statement": "",
+                                   "version": case["version"], "FAIL_TO_PASS": [], "PASS_TO_PASS": []})
+        spec = EnvSpec(case["repo"], ("*",), "3.11", test_cmd=case["test_cmd"],
+                       eval_commands=tuple(case["eval_commands"]))
+        official = [line for line in case["script"] if line not in (
+            "source /opt/miniconda3/bin/activate", "conda activate testbed", case["install"])]
+        ours = made_eval_script(instance, spec).split("\n")
+        assert ours[:2] == ["#!/bin/bash", "set -uxo pipefail"]
+        assert "\n".join(ours[2:]) == "\n".join(official) + "\n", case["repo"]
 
 
 def record(out: Path, venvs: dict[str, Path], scratch: Path) -> None:
