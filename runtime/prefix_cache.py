@@ -137,7 +137,7 @@ def _read_segment_header(fh: BinaryIO, path: Path) -> tuple[dict[str, str], dict
     missing = [f for f in _META_FIELDS if f not in meta]
     if missing:
         raise BadSegment(f"lacks the metadata {missing}")
-    if not (meta["start"].isdigit() and meta["end"].isdigit() and len(meta["start"]) + len(meta["end"]) < 40):
+    if not all(meta[f].isascii() and meta[f].isdigit() and len(meta[f]) < 20 for f in ("start", "end")):
         raise BadSegment(f"has a malformed token range {meta['start']!r}..{meta['end']!r}")
     return meta, entries
 

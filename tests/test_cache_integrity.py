@@ -29,7 +29,7 @@ from agent.pack import pack_repository
 from agent.pack_cache import TokenStore
 from runtime import load
 from runtime.checkpoint import INDEX_FILE, CheckpointError, digest_store, open_checkpoint
-from runtime.prefix_cache import PrefixCache, segments
+from runtime.prefix_cache import prune, segments, stats
 from runtime.session import Session
 from runtime.tokenizer import load_tokenizer
 
@@ -228,7 +228,7 @@ def mutate(rng: random.Random, root: Path, how: str) -> None:
         meta = header["__metadata__"]
         field = rng.choice(["start", "end", "prev", "prefix", "key"])
         meta[field] = rng.choice({
-            "start": ["0", "128", "256", "-1", "x", "99999999999999999999999"],
+            "start": ["0", "128", "256", "-1", "x", "\u00b2", "99999999999999999999999"],
             "end": ["128", "256", "384", "0", ""],
             "prev": ["", _prefix_hash(PROMPT, 128), _prefix_hash(OTHER, 128)],
             "prefix": [_prefix_hash(OTHER, 256), _prefix_hash(PROMPT, 128), _prefix_hash(PROMPT, 256)],
@@ -276,6 +276,18 @@ def test_corrupted_segments_many_seeds(exact, pristine, right, tmp_path, seed) -
 
 def test_untouched_cache_is_reused_whole_without_a_word(exact, pristine, right, tmp_path) -> None:
     heals(exact, cache_copy(pristine, tmp_path), right)
+
+
+def test_maintenance_lists_good_segments_and_prunes_bad_ones(pristine, tmp_path) -> None:
+    root = cache_copy(pristine, tmp_path)
+    good = segment(root, OTHER, 0, 256)
+    segment(root, PROMPT, 0, 128).write_bytes(b"\xff" * 64)
+    loop = segment(root, PROMPT, 128, 256)  # a header whose segment continues itself: no leaf left
+    edit_header(loop, lambda header: header["__metadata__"].__setitem__("prev", _prefix_hash(PROMPT, 256)))
+    shutil.copyfile(good, good.with_name("0" * 64 + "-" + good.name.rsplit("-", 1)[1]))  # named after no prefix
+    assert [s.path for s in segments(root)] == sorted([good, loop])
+    assert stats(root)["unreadable"] == 2
+    assert len(prune(0, root)) == 4 and not list(root.glob("*/*"))
 
 
 # -- checkpoint identity -------------------------------------------------------------------------
