@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from evals import swebench
-from evals.agents import EmptyAgent, OracleAgent
+from evals.agents import OracleAgent, PredictionsAgent
 from evals.container import Engine, base_image, base_image_name, detect_engine, image_exists, official_base_packages
 from evals.envs import SpecTable
 from evals.instances import load_instances
@@ -70,16 +70,21 @@ def test_an_instance_graded_in_a_container(tmp_path: Path) -> None:
         "test_cmd": "python -c 'import os, sys; print(\"interpreter\", sys.prefix, \"network\", sorted(os.listdir("
                     "\"/sys/class/net\")))'; python -m pytest -rA -p no:cacheprovider"}]}))
     instances = load_instances(jsonl)
+    # each instance given the other's fix: applies, runs, and its FAIL_TO_PASS test still fails
+    swapped = PredictionsAgent({row["instance_id"]: {"instance_id": row["instance_id"], "model_name_or_path": "swap",
+                                                     "model_patch": other["patch"]}
+                                for row, other in zip(rows[:2], rows[1::-1])})
     results = {}
-    for agent in (OracleAgent(), EmptyAgent()):
-        cfg = swebench.RunConfig(out=tmp_path / agent.name, agent=agent, store=RepoStore(tmp_path / "source"),
+    for name, agent in (("oracle", OracleAgent()), ("swap", swapped)):
+        cfg = swebench.RunConfig(out=tmp_path / name, agent=agent, store=RepoStore(tmp_path / "source"),
                                  specs=SpecTable(spec), engine=engine)
-        results[agent.name] = swebench.run(instances, cfg)
+        results[name] = swebench.run(instances, cfg)
     assert results["oracle"]["resolved_ids"] == ["acme__calc-1", "acme__calc-2"], results
-    assert results["empty"]["resolved"] == 0
+    assert results["swap"]["unresolved_ids"] == ["acme__calc-1", "acme__calc-2"], results
     output = (tmp_path / "oracle" / "instances" / "acme__calc-1" / "test_output.txt").read_text()
     assert "interpreter /opt/venv network ['lo']" in output  # the image's venv; no network but loopback
-    assert "1 passed" not in output and "2 passed" in output
+    assert "2 passed" in output
+    assert "1 failed, 1 passed" in (tmp_path / "swap" / "instances" / "acme__calc-1" / "test_output.txt").read_text()
     leftovers = subprocess.run([engine.cli, "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True)
     assert "v4agent-eval-" not in leftovers.stdout  # every instance container removed
 
