@@ -223,6 +223,25 @@ def test_an_interrupted_ray_run_picks_up_where_it_left_off(dataset, tmp_path: Pa
     assert (first.read_bytes(), first.stat().st_mtime_ns) == kept  # not run again
 
 
+def test_terminal_bench_tasks_on_ray_as_on_the_local_runner(tmp_path: Path, ray_cluster) -> None:
+    from evals import tbench
+    from evals.tbench_tasks import load_tasks
+
+    tasks = load_tasks(Path(tbench.__file__).parent / "data" / "tbench")
+    local = tbench.run_tasks(tasks, tbench.TbenchConfig(out=tmp_path / "local", agent="oracle", workers=2))
+    remote = tbench.run_tasks(tasks, tbench.TbenchConfig(out=tmp_path / "ray", agent="oracle", workers=2, ray="auto"))
+    assert local == remote and remote["resolved"] == len(tasks) == 3
+
+    def files(out: Path) -> list[str]:
+        return sorted(str(p.relative_to(out)) for p in (out / "tasks").rglob("*") if p.is_file())
+
+    assert files(tmp_path / "local") == files(tmp_path / "ray")
+    for task in tasks:
+        rewards = [json.loads((tmp_path / run / "tasks" / task.name / "result.json").read_text())[task.name]["rewards"]
+                   for run in ("local", "ray")]
+        assert rewards[0] == rewards[1]
+
+
 # --- the README's quick checks, exactly as documented (default --out, relative to the cwd) ---------
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
