@@ -110,7 +110,7 @@ def log_parser(instance: Instance, spec: EnvSpec) -> str:
     return parser_name(instance.log_parser or repo_parser(instance.repo) or spec.log_parser)
 
 
-def test_spec(instance: Instance, parser: str, eval_script: str = "") -> Any:
+def official_spec(instance: Instance, parser: str, eval_script: str = "") -> Any:
     """The official TestSpec (swebench.harness.utils.make_test_spec) for `instance`, graded with
     the official parser `parser`, running `eval_script`."""
     constants = official("harness.constants")
@@ -129,7 +129,7 @@ def graded_outcome(instance: Instance, parser: str, done: Finished) -> dict[str,
     get_eval_report (with tests_status), and `test_seconds`. Every test the official parser
     found, with its status, goes to test_results.json beside the log."""
     assert done.log is not None
-    spec = test_spec(instance, parser)
+    spec = official_spec(instance, parser)
     grading = official("harness.grading")
     statuses, _ = grading.get_logs_eval(spec, str(done.log))
     done.log.with_name("test_results.json").write_text(json.dumps(statuses, indent=1, sort_keys=True))
@@ -245,8 +245,8 @@ def grade(instance: Instance, model_patch: str, worktree: Path, spec: EnvSpec, v
         extra["strict_dropped"] = suspicious
     parser = log_parser(instance, spec)
     (logs / "patch.diff").write_text(model_patch)
-    (logs / "eval.sh").write_text(test_spec(instance, parser, instance.eval_script or
-                                            made_eval_script(instance, spec)).eval_script)
+    (logs / "eval.sh").write_text(official_spec(instance, parser, instance.eval_script or
+                                                made_eval_script(instance, spec)).eval_script)
     env = runner_environ(venv, spec, Path(TESTBED))
     log = logs / "run_instance.log"
     if model_patch.strip() and not apply_model_patch(worktree, logs / "patch.diff", env, limits, log):
