@@ -24,7 +24,7 @@ import pytest
 
 from evals import swebench
 from evals.agents import OracleAgent, V4Agent
-from tests.test_evals_swebench import CALC, F2P, TESTS, calc  # noqa: F401 - the fixture
+from tests.test_evals_swebench import F2P, TESTS, calc  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
