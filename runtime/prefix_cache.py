@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from runtime.checkpoint import TORCH_DTYPES, CheckpointError, read_header
@@ -186,7 +187,8 @@ class PrefixCache:
         """Persist the state at `state.position` (aligned) as one segment on top of the one at `since`.
 
         `since` is what the previous save returned (position and per-stream row counts), or
-        None for a segment from position 0. Returns the same for the next save.
+        None for a segment from position 0. Returns the same for the next save. A segment that
+        cannot be written (a full disk, a read-only cache) is reported through `warn`, not raised.
         """
         end = state.position
         if end % self.align:
@@ -203,12 +205,17 @@ class PrefixCache:
             meta = {"key": self.key_json, "prefix": hashes[end], "start": str(start), "end": str(end),
                     "prev": hashes.get(start, "")}
             meta["checksum"] = _checksum(meta, tensors)
-            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            save_file(tensors, str(tmp), metadata=meta)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic: readers see the old state or the whole segment
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file(tensors, str(tmp), metadata=meta)
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)  # atomic: readers see the old state or the whole segment
+            except (OSError, SafetensorError) as e:
+                # the run goes on; a later segment on top of this one is removed by the first reader
+                _remove(tmp)
+                self.warn(f"could not save the prefix of {end} tokens to {self.root} ({e}); going on without it")
         return end, row_counts(state)
 
     # -- reading ------------------------------------------------------------------------

@@ -278,6 +278,16 @@ def test_untouched_cache_is_reused_whole_without_a_word(exact, pristine, right, 
     heals(exact, cache_copy(pristine, tmp_path), right)
 
 
+def test_a_cache_that_cannot_be_written_is_reported_and_the_run_goes_on(exact, right, tmp_path) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    heard: list[str] = []
+    session = Session(exact, persist=True, cache_root=blocked, warn=heard.append)
+    session.extend(PROMPT[:128])
+    assert torch.equal(session.extend(PROMPT[128:]), right[128][0])
+    assert len(heard) == 2 and all("could not save" in w for w in heard)
+
+
 def test_maintenance_lists_good_segments_and_prunes_bad_ones(pristine, tmp_path) -> None:
     root = cache_copy(pristine, tmp_path)
     good = segment(root, OTHER, 0, 256)
