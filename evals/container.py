@@ -49,6 +49,8 @@ from evals.sandbox import Bind
 BASE_SUITE = "bookworm"
 VENV = "/opt/venv"
 _CERTS = "/etc/ssl/certs"
+# pip (its own certifi bundle), requests and OpenSSL all told to trust the host's certificates
+_TRUST = {var: f"{_CERTS}/ca-certificates.crt" for var in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")}
 # What we add to the official base packages: venv instead of conda; patch for `patch --fuzz`.
 _EXTRA_PACKAGES = ("python3-venv", "patch", "ca-certificates")
 
@@ -78,6 +80,10 @@ def _engine(engine: Engine, *args: str, timeout: float = 600, log: Path | None =
     if not done.ok:
         raise EvalError(f"{engine.cli} {args[0]} failed ({done.code}):\n{done.output.strip()[-2000:]}")
     return done
+
+
+def _env_flags(env: dict[str, str]) -> list[str]:
+    return [item for k, v in env.items() for item in ("-e", f"{k}={v}")]
 
 
 def image_exists(engine: Engine, image: str) -> bool:
@@ -160,7 +166,7 @@ def env_image(engine: Engine, spec: EnvSpec, log: Path | None = None) -> str:
                             "python -m pip install --upgrade pip", *spec.install]) + "\n"
         name = f"v4agent-env-{uuid.uuid4().hex[:12]}"
         try:
-            _engine(engine, "run", "--name", name, *_limits(), "-v", f"{_CERTS}:{_CERTS}:ro", *mounts, base,
+            _engine(engine, "run", "--name", name, *_limits(), "-v", f"{_CERTS}:{_CERTS}:ro", *_env_flags(_TRUST), *mounts, base,
                     "bash", "-c", script, timeout=3600, log=log)
             _engine(engine, "commit", name, image, timeout=1800, log=log)
         finally:
@@ -196,7 +202,7 @@ class InstanceContainer:
         if not steps:
             return
         script = "\n".join(["set -ex", "cd /testbed", f"source {VENV}/bin/activate", *spec.eval_commands, *steps])
-        done = self._exec(["bash", "-c", script + "\n"], {}, limits, self.logs / "setup.log")
+        done = self._exec(["bash", "-c", script + "\n"], _TRUST, limits, self.logs / "setup.log")
         if not done.ok:
             raise EvalError(f"the instance setup failed in the container (see {self.logs / 'setup.log'}):\n"
                             f"{done.output.strip()[-2000:]}")
@@ -209,8 +215,7 @@ class InstanceContainer:
             _engine(self.engine, "network", "disconnect", network, self.name)
 
     def _exec(self, argv: list[str], env: dict[str, str], limits: Limits, log: Path | None = None) -> Finished:
-        flags = [item for k, v in env.items() for item in ("-e", f"{k}={v}")]
-        return run([self.engine.cli, "exec", "-w", "/testbed", *flags, self.name, *argv], cwd=self.logs,
+        return run([self.engine.cli, "exec", "-w", "/testbed", *_env_flags(env), self.name, *argv], cwd=self.logs,
                    timeout=limits.timeout, log=log)
 
     def runner(self, spec: EnvSpec) -> Any:
