@@ -545,6 +545,7 @@ def write_checkpoint(path: str | Path, config: ModelConfig, weights: Mapping[str
         for i, shard in enumerate(shards):
             file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file({n: stored[n] for n in shard}, str(tmp / file), metadata={"format": "pt", **(metadata or {})})
+            os.chmod(tmp / file, 0o666 & ~_umask())  # safetensors writes 0600; the other files follow the umask
             weight_map.update(dict.fromkeys(shard, file))
         total = sum(t.numel() * t.element_size() for t in stored.values())
         _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -559,6 +560,12 @@ def write_checkpoint(path: str | Path, config: ModelConfig, weights: Mapping[str
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _write_json(file: Path, obj: object) -> None:
