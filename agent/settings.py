@@ -2,17 +2,21 @@
 `V4AGENT_*` environment variables, then the command line — the later wins.
 
 The config file is flat TOML with the field names below (`think = "max"`, `max_turns = 80`);
-its path is `$V4AGENT_CONFIG` when set, else `$XDG_CONFIG_HOME/v4agent/config.toml`, else
-`~/.config/v4agent/config.toml`. Each field also reads `V4AGENT_<FIELD>` (`V4AGENT_ENDPOINT`,
-`V4AGENT_MAX_TURNS`...). API keys are never settings: they come from the environment only
-(see agent.backends.http).
+its path is `--config FILE` when given, else `$V4AGENT_CONFIG` when set, else
+`$XDG_CONFIG_HOME/v4agent/config.toml`, else `~/.config/v4agent/config.toml`. A file named by
+`--config` or `V4AGENT_CONFIG` must exist; the default one may not. Each field also reads
+`V4AGENT_<FIELD>` (`V4AGENT_ENDPOINT`, `V4AGENT_MAX_TURNS`...). Every error names where the bad
+value came from: the file, the variable or the flag. API keys are never settings: they come
+from the environment only (see agent.backends.http).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,7 @@ class SettingsError(ValueError):
 class Settings:
     # the backend: exactly one of weights, endpoint (with model) and script
     weights: str | None = None  # a V4 checkpoint directory, run in-process
-    device: str | None = None  # where the in-process model runs (default: cuda when available)
+    device: str | None = None  # where the in-process model runs: cpu, cuda, cuda:N (default: cuda when available)
     endpoint: str | None = None  # an OpenAI-compatible API base, e.g. http://localhost:8000/v1
     model: str | None = None  # the model name the endpoint serves
     script: str | None = None  # a scripted policy (JSON/JSONL turns)
@@ -61,51 +65,94 @@ class Settings:
     tmp_mb: int = 1024  # the sandbox's private /tmp
 
 
-_CHOICES = {"think": THINK_MODES, "effort_profile": tuple(EFFORT_PROFILES), "reasoning_fields": REASONING_FIELDS,
-            "sandbox": ("on", "off")}
+CHOICES = {"think": THINK_MODES, "effort_profile": tuple(EFFORT_PROFILES), "reasoning_fields": REASONING_FIELDS,
+           "sandbox": ("on", "off")}
 _POSITIVE = ("max_turns", "max_turn_tokens", "context_limit", "timeout_s", "run_timeout_s", "sandbox_uid", "memory_mb",
              "max_processes", "max_file_mb", "tmp_mb")
 _NON_NEGATIVE = ("max_total_tokens", "retries", "temperature")
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+DEFAULT = "default"  # the source of a value nobody set
 
 
-def config_path(environ: Mapping[str, str] = os.environ) -> Path:
+def config_path(environ: Mapping[str, str] = os.environ, given: str | Path | None = None) -> tuple[Path, str | None]:
+    """The config file, and who named it (`--config`, `V4AGENT_CONFIG`; None for the default
+    place, where a missing file is no error)."""
+    if given is not None:
+        return Path(given), "--config"
     if environ.get("V4AGENT_CONFIG"):
-        return Path(environ["V4AGENT_CONFIG"])
+        return Path(environ["V4AGENT_CONFIG"]), "V4AGENT_CONFIG"
     base = Path(environ["XDG_CONFIG_HOME"]) if environ.get("XDG_CONFIG_HOME") else Path.home() / ".config"
-    return base / "v4agent" / "config.toml"
+    return base / "v4agent" / "config.toml", None
 
 
-def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] = os.environ) -> Settings:
-    """Settings from the config file, the environment and `overrides` (None values are ignored)."""
-    settings = Settings()
-    path = config_path(environ)
-    if path.is_file():
-        try:
-            with open(path, "rb") as f:
-                settings = _merge(settings, tomllib.load(f), str(path))
-        except tomllib.TOMLDecodeError as e:
-            raise SettingsError(f"{path}: {e}") from None
+def load_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] = os.environ,
+                  config: str | Path | None = None) -> Settings:
+    """Settings from the config file (`config`, else the usual place), the environment and
+    `overrides` (the command line; None values are ignored)."""
+    return resolve_settings(overrides, environ, config)[0]
+
+
+def resolve_settings(overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] = os.environ,
+                     config: str | Path | None = None) -> tuple[Settings, dict[str, str]]:
+    """The settings, and where each value came from: "default", the config file's path,
+    `V4AGENT_<NAME>`, or `--<name>` for the command line."""
+    settings, sources = Settings(), dict.fromkeys((f.name for f in fields(Settings)), DEFAULT)
+    path, named_by = config_path(environ, config)
+    values = _read_config(path, named_by)
+    settings = _merge(settings, values, sources, lambda name: f"{path}: {name}", str(path))
     names = [f.name for f in fields(Settings)]
-    from_env = {name: environ[f"V4AGENT_{name.upper()}"] for name in names if f"V4AGENT_{name.upper()}" in environ}
-    settings = _merge(settings, from_env, "the environment")
-    return _merge(settings, {k: v for k, v in (overrides or {}).items() if v is not None}, "the command line")
+    from_env = {name: environ[_variable(name)] for name in names if _variable(name) in environ}
+    settings = _merge(settings, from_env, sources, _variable, None)
+    cli = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return _merge(settings, cli, sources, _flag, None), sources
 
 
-def _merge(settings: Settings, values: Mapping[str, Any], source: str) -> Settings:
+def _variable(name: str) -> str:
+    return f"V4AGENT_{name.upper()}"
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _read_config(path: Path, named_by: str | None) -> dict[str, Any]:
+    """The config file's values; {} when the default file does not exist."""
+    if named_by is None and not path.exists():
+        return {}
+    where = f"{named_by} names {path}, which" if named_by else str(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise SettingsError(f"{where} does not exist") from None
+    except IsADirectoryError:
+        raise SettingsError(f"{where} is a directory, not a TOML file") from None
+    except OSError as e:
+        raise SettingsError(f"cannot read {path}: {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SettingsError(f"{path}: not valid TOML: {e}") from None
+
+
+def _merge(settings: Settings, values: Mapping[str, Any], sources: dict[str, str], where: Callable[[str], str],
+           source: str | None) -> Settings:
+    """`settings` with `values` converted and checked; `where(name)` says where a bad value came
+    from, `source` (or `where(name)`) is recorded in `sources`."""
     kinds = {f.name: f.type for f in fields(Settings)}
     changes = {}
     for name, value in values.items():
         if name not in kinds:
-            raise SettingsError(f"{source}: unknown setting {name!r} (settings: {', '.join(kinds)})")
-        changes[name] = _convert(name, kinds[name], value, source)
+            origin = source or where(name)
+            raise SettingsError(f"{origin}: unknown setting {name!r} (settings: {', '.join(kinds)})")
+        changes[name] = _convert(name, kinds[name], value, where(name))
+        sources[name] = source or where(name)
     return replace(settings, **changes)
 
 
-def _convert(name: str, kind: str, value: Any, source: str) -> Any:
-    """`value` (TOML-typed, or a string from the environment) as the field's type, checked."""
+def _convert(name: str, kind: str, value: Any, where: str) -> Any:
+    """`value` (TOML-typed, or a string from the environment) as the field's type, checked.
+    Choices are not case-sensitive (`MAX` is `max`)."""
     optional = kind.endswith("| None")
     base = kind.removesuffix(" | None")
-    where = f"{source}: {name}"
     if optional and value in ("", None):
         return None
     try:
@@ -121,8 +168,14 @@ def _convert(name: str, kind: str, value: Any, source: str) -> Any:
             raise ValueError
     except ValueError:
         raise SettingsError(f"{where} must be {'an' if base == 'int' else 'a'} {base}, not {value!r}") from None
-    if name in _CHOICES and value not in _CHOICES[name]:
-        raise SettingsError(f"{where} must be one of {', '.join(_CHOICES[name])}, not {value!r}")
+    if base == "float" and not math.isfinite(value):
+        raise SettingsError(f"{where} must be a finite number, not {value!r}")
+    if name in CHOICES or name == "device":
+        value = value.strip().lower()
+    if name in CHOICES and value not in CHOICES[name]:
+        raise SettingsError(f"{where} must be one of {', '.join(CHOICES[name])}, not {value!r}")
+    if name == "device" and not _DEVICE.fullmatch(value):
+        raise SettingsError(f"{where} must be cpu, cuda or cuda:N (a GPU's index), not {value!r}")
     if (name in _POSITIVE and value <= 0) or (name in _NON_NEGATIVE and value < 0):
         raise SettingsError(f"{where} must be {'positive' if name in _POSITIVE else 'at least 0'}, not {value!r}")
     if name == "top_p" and not 0 < value <= 1:

@@ -107,17 +107,21 @@ def read_trajectory(path: Path) -> list[dict[str, Any]]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise TrajectoryError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise TrajectoryError(f"{path} is not a trajectory: not UTF-8 text") from None
     records = []
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deep to be ours
+            if number == len(lines) > 1:  # torn; a file of one bad line was never a trajectory
                 break
             raise TrajectoryError(f"{path}: line {number} is not JSON") from None
         if not isinstance(record, dict) or "type" not in record:
             raise TrajectoryError(f"{path}: line {number} is not a trajectory record")
         records.append(record)
+    if not lines:
+        raise TrajectoryError(f"{path} is empty")
     if not records or records[0]["type"] != "run":
         raise TrajectoryError(f"{path}: a trajectory starts with a run record")
     return records

@@ -156,7 +156,7 @@ def test_settings_come_from_file_then_environment_then_command_line(tmp_path: Pa
     assert load_settings().think == "none"
     assert load_settings({"think": "high", "max_turns": None}).think == "high"
     monkeypatch.setenv("V4AGENT_MAX_TURNS", "seven")
-    with pytest.raises(SettingsError, match="the environment: max_turns must be an int"):
+    with pytest.raises(SettingsError, match="V4AGENT_MAX_TURNS must be an int"):
         load_settings()
     monkeypatch.delenv("V4AGENT_MAX_TURNS")
     # A backend on the command line replaces the configured one.

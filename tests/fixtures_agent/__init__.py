@@ -56,6 +56,7 @@ def isolate(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:
     for name in list(os.environ):
         if name.startswith("V4AGENT_") or name in ("DEEPSEEK_API_KEY", "OPENAI_API_KEY"):
             monkeypatch.delenv(name)
-    monkeypatch.setenv("V4AGENT_CONFIG", str(root / "no-config.toml"))
+    # no config file: the default place is empty (V4AGENT_CONFIG naming a missing file is an error)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(root / "no-config"))
     monkeypatch.setenv("V4AGENT_CACHE", str(root / "cache"))
     return root / "cache"
