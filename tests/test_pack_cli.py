@@ -53,7 +53,7 @@ def test_report(repo: Path):
     assert lines[0].startswith(f"{repo.resolve()}: ") and "of a 200 budget" in lines[0]
     assert "full: 1 files" in result.stdout and "outlined: 1 files" in result.stdout
     assert any(line.strip().endswith("pkg/small.py  relevance 2.00") for line in lines)
-    assert lines[-1] == "skipped: 1 files (binary or data 1)"
+    assert lines[-2:] == ["skipped: 1 files (binary or data 1)", "  logo.png  (binary or data)"]
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path: Path):

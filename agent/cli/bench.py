@@ -1,4 +1,7 @@
-"""`v4agent bench ...`: benchmarks that print JSON with side-by-side ratios."""
+"""`v4agent bench ...`: benchmarks that print JSON with side-by-side ratios. Each command imports
+what it measures (torch, the packer, the sandbox) only when it runs."""
+
+from __future__ import annotations
 
 from pathlib import Path
 
@@ -43,14 +46,16 @@ def model_cmd(
 
     The first run writes a ~2 GB random checkpoint into ~/.cache/v4agent/bench (V4AGENT_CACHE).
     """
-    from rich.console import Console
-
-    from runtime.bench import bench_model
-
     try:
         sizes = [int(s) for s in lengths.split(",") if s.strip()]
     except ValueError:
         raise fail(f"--lengths must be comma-separated integers, got {lengths!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise fail(f"--lengths must be positive integers, got {lengths!r}")
+    from rich.console import Console
+
+    from runtime.bench import bench_model
+
     console = Console(stderr=True)
     with console.status("benchmarking") as status:
         try:
@@ -104,16 +109,16 @@ def kernels_cmd(
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per measurement (median)."),
 ) -> None:
     """Each Triton kernel against the torch code it replaces, side by side (on the CPU: interpreted smoke test)."""
-    from rich.console import Console
-
-    from runtime.bench_kernels import bench_kernels
-
     try:
         contexts = [int(s) for s in sizes.split(",") if s.strip()] if sizes else None
     except ValueError:
         raise fail(f"--sizes must be comma-separated integers, got {sizes!r}") from None
     if contexts is not None and (not contexts or min(contexts) < 1):
         raise fail(f"--sizes must be positive integers, got {sizes!r}")
+    from rich.console import Console
+
+    from runtime.bench_kernels import bench_kernels
+
     with Console(stderr=True).status("benchmarking kernels") as status:
         try:
             result = bench_kernels(contexts, chunk, repeats, progress=lambda msg: status.update(msg))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -45,18 +46,40 @@ NO_BACKEND = ("no model to talk to: the agent needs real weights (--weights DIR,
               "directory) or an OpenAI-compatible endpoint (--endpoint URL --model NAME, key in V4AGENT_API_KEY); "
               "--script FILE plays scripted turns. These can also be set in ~/.config/v4agent/config.toml or "
               "V4AGENT_WEIGHTS / V4AGENT_ENDPOINT / V4AGENT_MODEL.")
-SANDBOX_HELP = ("on (the default): every command of the model runs in the sandbox, and none runs without it; "
+SANDBOX_HELP = ("on: every command of the model runs in the sandbox, and none runs without it; "
                 "off: unconfined, as you (docs/security.md).")
+CONFIG_HELP = "The settings file (default: $V4AGENT_CONFIG, else ~/.config/v4agent/config.toml)."
 RESULT_LINES = 8  # lines of a tool result shown live
 RESULT_LINE_CHARS = 120
+
+
+def _default(name: str) -> str:
+    """A setting's built-in default for --help, with the config key that changes it."""
+    from agent.settings import Settings
+
+    value = getattr(Settings, name)
+    return f"\\[default: {value}; config: {name}]"  # the backslash: not rich markup
 
 
 def fix_cmd(
     text: str | None = typer.Argument(None, help="The issue to fix (or --issue-file)."),
     repo: Path = typer.Option(Path("."), "--repo", help="Any directory of the repository's git work tree."),
     issue_file: Path | None = typer.Option(None, "--issue-file", help="Read the issue from this file."),
-    think: str | None = typer.Option(None, "--think", help="Thinking mode: none, high or max (default high)."),
-    max_turns: int | None = typer.Option(None, "--max-turns", min=1, help="Stop after this many model turns."),
+    think: str | None = typer.Option(None, "--think", metavar="<none|high|max>",
+                                     help=f"Thinking mode. {_default('think')}"),
+    max_turns: int | None = typer.Option(None, "--max-turns", metavar="<int>",
+                                         help=f"Stop after this many model turns. {_default('max_turns')}"),
+    max_turn_tokens: int | None = typer.Option(
+        None, "--max-turn-tokens", metavar="<int>",
+        help=f"The most one completion may take (lowered to fit the model's context). {_default('max_turn_tokens')}"),
+    max_total_tokens: int | None = typer.Option(
+        None, "--max-total-tokens", metavar="<int>",
+        help=f"Stop once all completions together took this many tokens (0: no limit). {_default('max_total_tokens')}"),
+    context_limit: int | None = typer.Option(
+        None, "--context-limit", metavar="<int>",
+        help=f"The endpoint's context in tokens (in-process: the model's own). {_default('context_limit')}"),
+    temperature: float | None = typer.Option(None, "--temperature", metavar="<float>",
+                                             help=f"Sampling temperature. {_default('temperature')}"),
     apply: bool = typer.Option(False, "--apply", help="Apply the patch to the repository's work tree."),
     branch: str | None = typer.Option(None, "--branch", help="Commit the patch on top of HEAD as this new branch."),
     allow_outside_symlinks: bool = typer.Option(
@@ -64,28 +87,32 @@ def fix_cmd(
         help="Let --apply and --branch bring in symlinks that point outside the repository (refused otherwise)."),
     patch_out: Path | None = typer.Option(None, "--patch-out", help="Also write the patch to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the patch."),
-    weights: str | None = typer.Option(None, "--weights", help="A DeepSeek-V4 checkpoint directory, run in-process."),
-    device: str | None = typer.Option(None, "--device", help="Where the in-process model runs (default: cuda if any)."),
-    endpoint: str | None = typer.Option(None, "--endpoint",
+    weights: str | None = typer.Option(None, "--weights", metavar="<dir>",
+                                       help="A DeepSeek-V4 checkpoint directory, run in-process."),
+    device: str | None = typer.Option(None, "--device", metavar="<cpu|cuda|cuda:N>",
+                                      help="Where the in-process model runs. \\[default: cuda if there is one, "
+                                           "else cpu; config: device]"),
+    endpoint: str | None = typer.Option(None, "--endpoint", metavar="<url>",
                                         help="An OpenAI-compatible API base, e.g. http://localhost:8000/v1."),
     model: str | None = typer.Option(None, "--model", help="The model name the endpoint serves."),
-    script: str | None = typer.Option(None, "--script", help="A JSON/JSONL file of scripted model turns."),
-    sandbox: str | None = typer.Option(None, "--sandbox", help=SANDBOX_HELP),
+    script: str | None = typer.Option(None, "--script", metavar="<file>",
+                                      help="A JSON/JSONL file of scripted model turns."),
+    sandbox: str | None = typer.Option(None, "--sandbox", metavar="<on|off>",
+                                       help=f"{SANDBOX_HELP} {_default('sandbox')}"),
     include_secrets: bool = typer.Option(
         False, "--include-secrets",
         help="Also pack files that look like secrets (keys, tokens, .env; left out and listed otherwise)."),
+    config_file: Path | None = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """Fix an issue: the agent works in a private copy, you get a patch.
 
     Into a file or a pipe the patch is written as made; on a terminal, control characters show as escapes (\\x1b).
     """
-    from agent.backends import BackendError
-    from agent.backends.scripted import ScriptError
     from agent.settings import SettingsError, load_settings
     from agent.workspace import WorkspaceError, check_new_branch, toplevel
-    from runtime import CheckpointError, ConfigError
-    from runtime.tokenizer import TokenizerError, load_tokenizer
 
+    # Everything the command line and the settings can get wrong is checked first: before the
+    # sandbox, the tokenizer or the model, so a mistake costs no wait.
     if sum((apply, branch is not None, patch_out is not None)) > 1:
         raise fail("--apply, --branch and --patch-out exclude each other")
     if (text is None) == (issue_file is None):
@@ -96,18 +123,24 @@ def fix_cmd(
             text = issue_file.read_text(encoding="utf-8")
         except OSError as e:
             raise fail(f"cannot read {issue_file}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise fail(f"cannot read {issue_file}: not UTF-8 text") from None
     assert text is not None
     if not text.strip():
         raise fail("the issue is empty")
-    cli = {"think": think, "max_turns": max_turns, "weights": weights, "device": device, "endpoint": endpoint,
-           "model": model, "script": script, "sandbox": sandbox}
+    cli = {"think": think, "max_turns": max_turns, "max_turn_tokens": max_turn_tokens,
+           "max_total_tokens": max_total_tokens, "context_limit": context_limit, "temperature": temperature,
+           "weights": weights, "device": device, "endpoint": endpoint, "model": model, "script": script,
+           "sandbox": sandbox}
     try:
-        settings = load_settings(cli)
+        settings = load_settings(cli, config=config_file)
         top = toplevel(repo)
         if branch is not None:
             check_new_branch(top, branch)
     except (SettingsError, WorkspaceError) as e:
         raise fail(str(e)) from None
+    if patch_out is not None:
+        _check_writable(patch_out)
     if any(cli[name] for name in BACKEND_OPTIONS):  # a backend on the command line replaces configured ones
         settings = replace(settings, **{name: cli[name] for name in BACKEND_OPTIONS})
 
@@ -118,15 +151,15 @@ def fix_cmd(
         raise fail(f"one backend at a time: {' and '.join('--' + name for name in chosen)} were both given")
     if settings.endpoint and not settings.model:
         raise fail("--endpoint needs --model NAME, the model the server serves")
+    if settings.weights and not Path(settings.weights).is_dir():
+        raise fail(f"--weights {settings.weights}: no such directory")
+    remote = _remote_backend(settings)  # a script is read, an endpoint checked, before anything heavy
+    device = _device(settings.device) if settings.weights else None  # imports torch: only for weights
 
     console = _console()
     _check_sandbox(settings, console)
     started = time.perf_counter()
-    try:
-        tokenizer = load_tokenizer(settings.weights)
-        backend = _backend(settings, tokenizer)
-    except (TokenizerError, BackendError, ScriptError, CheckpointError, ConfigError) as e:
-        raise fail(str(e)) from None
+    tokenizer, backend = _load(settings, remote, device)
     run = _run(backend, tokenizer, top, text, _config(settings), _tool_settings(settings), console,
                include_secrets=include_secrets)
 
@@ -157,15 +190,17 @@ def fix_cmd(
     else:
         if patch:
             _print_patch(patch)
-        _report(console, out)
+        _report(console, out, _why(run.result.stop, run.config, endpoint=bool(settings.endpoint)))
     raise typer.Exit(0 if patch and not out["refused"] else 1)
 
 
 def replay_cmd(
     trajectory: Path = typer.Argument(..., help="A run's trajectory.jsonl."),
-    repo: Path | None = typer.Option(None, "--repo", help="The repository (default: the one recorded)."),
+    repo: Path | None = typer.Option(None, "--repo", help="The repository. \\[default: the one recorded]"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    sandbox: str | None = typer.Option(None, "--sandbox", help=SANDBOX_HELP),
+    sandbox: str | None = typer.Option(None, "--sandbox", metavar="<on|off>",
+                                       help=f"{SANDBOX_HELP} {_default('sandbox')}"),
+    config_file: Path | None = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """Replay a saved run: its model turns again, on a fresh copy; do the tools answer the same?"""
     from agent.backends.scripted import ScriptedBackend
@@ -173,27 +208,28 @@ def replay_cmd(
     from agent.settings import SettingsError, load_settings
     from agent.trajectory import TrajectoryError, read_trajectory
     from agent.workspace import WorkspaceError, toplevel
-    from runtime.tokenizer import load_tokenizer
 
     try:
         # The sandbox and every limit come from your settings, never from the file: a shared
         # trajectory could say anything. Only the modes the recorded turns answered are its own.
-        settings = load_settings({"sandbox": sandbox})
+        settings = load_settings({"sandbox": sandbox}, config=config_file)
         records = read_trajectory(trajectory)
         header = records[0]
         recorded = AgentConfig(**header["config"])
         top = toplevel(repo or Path(header["repo"]))
         turns = [r for r in records if r["type"] == "turn"]
-        backend = ScriptedBackend([{"completion": t["completion"]} for t in turns], header["context_limit"],
+        backend = ScriptedBackend([{"completion": t["completion"]} for t in turns], int(header["context_limit"]),
                                   source=str(trajectory))
-        issue, base = header["issue"], (header["head"], header["base"])
+        issue, base = str(header["issue"]), (str(header["head"]), str(header["base"]))
     except (SettingsError, TrajectoryError, WorkspaceError) as e:
         raise fail(str(e)) from None
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise fail(f"{trajectory}: the run record lacks or mangles {e}") from None
     config = replace(_config(settings), think=recorded.think, effort_profile=recorded.effort_profile)
     console = _console()
     _check_sandbox(settings, console)
+    from runtime.tokenizer import load_tokenizer
+
     run = _run(backend, load_tokenizer(), top, issue, config, _tool_settings(settings), console, recorded=base)
 
     replayed = [r for r in read_trajectory(run.dir / "trajectory.jsonl") if r["type"] == "turn"]
@@ -238,6 +274,7 @@ class _Run:
     dir: Path
     workdir: Path
     trajectory: Trajectory
+    config: AgentConfig  # as run: max_turn_tokens may be lowered to fit the context
 
 
 def _run(backend: Backend, tokenizer: Tokenizer, top: Path, issue: str, config: AgentConfig,
@@ -251,14 +288,16 @@ def _run(backend: Backend, tokenizer: Tokenizer, top: Path, issue: str, config: 
     from agent.trajectory import Trajectory, new_run_dir
     from agent.workspace import Workspace, WorkspaceError
 
+    config = _fit(config, backend.context_limit, console)
     run_dir = new_run_dir()
-    trajectory = Trajectory(run_dir / "trajectory.jsonl")
-    console.print(Text(visible(f"run {run_dir.name}: trajectory {trajectory.path}"), style="dim"), soft_wrap=True)
     try:
         head, base = recorded or (None, None)
         workspace = Workspace.create(top, run_dir / "work", head=head, base=base)
     except WorkspaceError as e:
+        shutil.rmtree(run_dir)  # nothing was recorded: no run to keep (a repository with no commit yet)
         raise fail(str(e)) from None
+    trajectory = Trajectory(run_dir / "trajectory.jsonl")
+    console.print(Text(visible(f"run {run_dir.name}: trajectory {trajectory.path}"), style="dim"), soft_wrap=True)
     if workspace.left_out:
         console.print(_left_out_note("not copied into the agent's work tree", _left_out(workspace.left_out)),
                       soft_wrap=True)
@@ -298,7 +337,7 @@ def _run(backend: Backend, tokenizer: Tokenizer, top: Path, issue: str, config: 
             view.stop()
             # Even on a crash or Ctrl-C during setup, the work so far is saved before the copy goes.
             saved = _save(workspace, run_dir, console)
-    return _Run(result, saved, run_dir, workspace.root, trajectory)
+    return _Run(result, saved, run_dir, workspace.root, trajectory, config)
 
 
 @contextmanager
@@ -377,11 +416,11 @@ def _deliver(top: Path, patch: bytes, summary: str | None, issue: str, apply: bo
         return {"refused": str(e)}
 
 
-def _report(console: Console, out: dict[str, Any]) -> None:
+def _report(console: Console, out: dict[str, Any], why: str | None) -> None:
     from rich.text import Text
 
     lines = [f"stopped: {out['stop']} after {out['turns']} turns"
-             + (f" ({out['error']})" if out["error"] else ""),
+             + (f" ({out['error']})" if out["error"] else "") + (f": {why}" if why else ""),
              f"tokens: {out['tokens_in']:,} in ({out['cached_tokens']:,} cached), {out['tokens_out']:,} out; "
              f"context {out['context_tokens']:,} of {out['context_limit']:,}; {out['seconds']:.1f} s",
              f"trajectory: {out['trajectory']}",
@@ -463,24 +502,107 @@ def _check_sandbox(settings: Settings, console: Console) -> None:
         raise fail(str(e)) from None
 
 
-def _backend(settings: Settings, tokenizer: Tokenizer) -> Backend:
-    """The backend the settings name (fix_cmd checked there is exactly one)."""
-    if settings.weights:
-        from agent.backends.local import LocalBackend
-        from runtime.session import SamplingParams
+def _check_writable(path: Path) -> None:
+    """--patch-out is checked before the run: a run that ends unable to write it wastes the run."""
+    parent = path.parent
+    if path.is_dir():
+        raise fail(f"--patch-out {path} is a directory")
+    if not parent.is_dir():
+        raise fail(f"--patch-out {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise fail(f"--patch-out {path}: not writable")
 
-        sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed)
-        return LocalBackend.load(settings.weights, tokenizer, sampling, settings.device)
-    if settings.endpoint:
-        from agent.backends.http import HttpBackend, api_key_from_env
 
-        assert settings.model is not None
-        return HttpBackend(settings.endpoint, settings.model, api_key_from_env(), context_limit=settings.context_limit,
-                           timeout_s=settings.timeout_s, retries=settings.retries, temperature=settings.temperature,
-                           top_p=settings.top_p, reasoning=settings.reasoning_fields)
-    from agent.backends.scripted import ScriptedBackend, load_script
+def _remote_backend(settings: Settings) -> Backend | None:
+    """The endpoint's or the script's backend (they need no tokenizer and import nothing heavy);
+    None for in-process weights, which `_load` loads."""
+    from agent.backends import BackendError
+    from agent.backends.scripted import ScriptedBackend, ScriptError, load_script
 
-    return ScriptedBackend(load_script(settings.script), settings.context_limit, source=settings.script)
+    try:
+        if settings.endpoint:
+            from agent.backends.http import HttpBackend, api_key_from_env
+
+            assert settings.model is not None
+            return HttpBackend(settings.endpoint, settings.model, api_key_from_env(),
+                               context_limit=settings.context_limit, timeout_s=settings.timeout_s,
+                               retries=settings.retries, temperature=settings.temperature, top_p=settings.top_p,
+                               reasoning=settings.reasoning_fields)
+        if settings.script:
+            return ScriptedBackend(load_script(settings.script), settings.context_limit, source=settings.script)
+    except (BackendError, ScriptError) as e:
+        raise fail(str(e)) from None
+    return None
+
+
+def _load(settings: Settings, remote: Backend | None, device: str | None) -> tuple[Tokenizer, Backend]:
+    """The tokenizer (the checkpoint's own with --weights) and the backend: `remote`, or the
+    in-process model loaded onto `device`."""
+    from runtime.tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(settings.weights)
+    except TokenizerError as e:
+        raise fail(str(e)) from None
+    if remote is not None:
+        return tokenizer, remote
+    assert settings.weights is not None
+    from agent.backends.local import LocalBackend
+    from runtime import CheckpointError, ConfigError
+    from runtime.session import SamplingParams
+
+    sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed)
+    try:
+        return tokenizer, LocalBackend.load(settings.weights, tokenizer, sampling, device)
+    except (CheckpointError, ConfigError) as e:
+        raise fail(str(e)) from None
+    except OSError as e:
+        raise fail(f"cannot read {e.filename or settings.weights}: {e.strerror or e}") from None
+
+
+def _device(wanted: str | None) -> str:
+    """The device to run on: `wanted` once torch can use it (settings checked the spelling:
+    cpu, cuda, cuda:N), else cuda when there is one, else cpu."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if wanted is None:
+        return "cuda" if gpus else "cpu"
+    index = int(wanted.partition(":")[2] or 0)
+    if wanted.startswith("cuda") and index >= gpus:
+        have = (f"{gpus} CUDA device{'s' if gpus > 1 else ''} (cuda:0..cuda:{gpus - 1})" if gpus else
+                "no CUDA device" + ("" if torch.version.cuda else " (this torch is built without CUDA)"))
+        raise fail(f"device {wanted}: this machine has {have}; use --device cpu, or set device in the config")
+    return wanted
+
+
+def _fit(config: AgentConfig, context_limit: int, console: Console) -> AgentConfig:
+    """`config` with max_turn_tokens lowered, when it must be, to the room the context keeps for
+    the conversation (a quarter of it, at most conversation_reserve): else the first turn would not
+    fit beside the packed repository, and the run would stop before it began."""
+    room = min(config.conversation_reserve, context_limit // 4)
+    if config.max_turn_tokens <= room:
+        return config
+    console.print(f"max_turn_tokens {config.max_turn_tokens:,} lowered to {room:,}: the model's context is "
+                  f"{context_limit:,} tokens, and a quarter of it is what the conversation has beside the repository",
+                  style="yellow", highlight=False, soft_wrap=True)
+    return replace(config, max_turn_tokens=room)
+
+
+def _why(stop: str, config: AgentConfig, endpoint: bool) -> str | None:
+    """Which limit ended the run, and how to change it (None when no limit did)."""
+    if stop == "max_turns":
+        return f"the turn limit ({config.max_turns}): raise it with --max-turns N (config: max_turns)"
+    if stop == "max_tokens":
+        return (f"all completions together reached {config.max_total_tokens:,} tokens: raise --max-total-tokens "
+                "(0: no limit; config: max_total_tokens)")
+    if stop == "context_full":
+        more = "; --context-limit if the server takes more" if endpoint else ""
+        return (f"the next turn (up to {config.max_turn_tokens:,} tokens, --max-turn-tokens) would not fit in what is "
+                f"left of the context: a lower --max-turn-tokens leaves room for more, shorter turns{more}")
+    if stop == "repeated_call":
+        return f"the model made the same tool calls {config.repeat_limit} turns in a row"
+    return None
 
 
 # ---- the live view ----------------------------------------------------------------------------

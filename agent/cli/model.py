@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -12,15 +13,15 @@ from agent.cli.common import fail
 app = typer.Typer(help="Make tiny checkpoints and inspect model configs.", no_args_is_help=True)
 
 
-
 @app.command("make-tiny")
 def make_tiny_cmd(
-    directory: Path = typer.Argument(..., help="Where to write the checkpoint."),
+    directory: Path = typer.Argument(..., help="Where to write the checkpoint (a new or empty directory)."),
     config: Path | None = typer.Option(None, "--config", help="A config.json to use instead of tiny_config()."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty DIRECTORY."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty DIRECTORY (never one holding .git)."),
 ) -> None:
     """Write a random checkpoint in the official V4 layout (FP8/FP4 weights, sharded, with tokenizer)."""
+    _check_target(directory, force)
     from runtime.checkpoint import CheckpointError, make_tiny
     from runtime.config import ConfigError, load_config
 
@@ -29,10 +30,31 @@ def make_tiny_cmd(
         out = make_tiny(directory, cfg, seed, overwrite=force)
     except (ConfigError, CheckpointError) as e:
         raise fail(str(e)) from None
+    except OSError as e:
+        raise fail(f"cannot write {e.filename or directory}: {e.strerror or e}") from None
     files = sorted(out.iterdir())
     for f in files:
         typer.echo(f"{f.stat().st_size:>12,}  {f}")
     typer.echo(f"wrote {len(files)} files, {sum(f.stat().st_size for f in files):,} bytes, seed {seed}")
+
+
+def _check_target(directory: Path, force: bool) -> None:
+    """Refuse what --force must not replace, before any work: a file (make-tiny writes a
+    directory) and a directory holding a git repository (someone's work); and a place that cannot
+    be written."""
+    if directory.exists() and not directory.is_dir():
+        raise fail(f"{directory} is a file, not a directory; make-tiny writes a directory and will not replace it")
+    if directory.is_dir() and any(directory.iterdir()):
+        if not force:
+            raise fail(f"{directory} exists and is not empty; --force replaces it")
+        if (directory / ".git").exists():
+            raise fail(f"{directory} holds a git repository (.git); --force will not replace it")
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise fail(f"cannot create {directory.parent}: {e.strerror or e}") from None
+    if not os.access(directory.parent, os.W_OK):
+        raise fail(f"cannot write in {directory.parent}: permission denied")
 
 
 @app.command("info")
@@ -41,21 +63,38 @@ def info_cmd(
                                  help="A config.json, a checkpoint directory, or 'flash' / 'pro'."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """Parameter counts, layer schedule and KV-cache size of a V4 model."""
-    from runtime.config import ConfigError, load_config
-    from runtime.info import model_info
+    """Parameter counts, layer schedule and KV-cache size of a V4 model.
 
+    A checkpoint directory is checked as runtime.load checks it (every shard and tensor); a config is only a config.
+    """
+    from runtime.config import RELEASED, ConfigError, load_config
+
+    path = Path(target)
+    if target not in RELEASED and not path.exists():
+        raise fail(f"{target!r} is neither 'flash' nor 'pro' nor an existing config.json or checkpoint directory")
     try:
-        info = model_info(load_config(target))
+        config = load_config(target)
+        if path.is_dir():
+            from runtime.checkpoint import CheckpointError, open_checkpoint
+
+            try:
+                open_checkpoint(path, config).close()
+            except CheckpointError as e:
+                raise fail(f"{e} (a checkpoint runtime.load would refuse)") from None
     except ConfigError as e:
         raise fail(str(e)) from None
+    except OSError as e:
+        raise fail(f"cannot read {e.filename or target}: {e.strerror or e}") from None
+    from runtime.info import model_info
+
+    info = model_info(config)
     if as_json:
         typer.echo(json.dumps(info))
         return
-    _print_table(target, info)
+    _print_table(target, info, "checkpoint checked" if path.is_dir() else "config only, no weights read")
 
 
-def _print_table(target: str, info: dict) -> None:
+def _print_table(target: str, info: dict, checked: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -68,7 +107,7 @@ def _print_table(target: str, info: dict) -> None:
     def gib(n: float) -> str:
         return f"{n / 2**30:,.2f} GiB"
 
-    t = Table(title=f"DeepSeek-V4 model: {target}", show_header=False)
+    t = Table(title=f"DeepSeek-V4 model: {target} ({checked})", show_header=False)
     t.add_column("fact")
     t.add_column("value", justify="right", overflow="fold")
     t.add_row("total parameters (no MTP)", billions(info["total_params"]))

@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from agent.cli.common import fail
+from agent.cli.common import fail, visible
 
 
 def pack_cmd(
@@ -19,7 +19,7 @@ def pack_cmd(
                                       help="Token budget (default: the 1M context minus a conversation reserve)."),
     issue: str | None = typer.Option(None, "--issue", help="The task text: files it points at are kept in full."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a report."),
-    limit: int = typer.Option(20, "--limit", min=0, help="Files listed per mode in the report (0: all)."),
+    limit: int = typer.Option(20, "--limit", min=0, help="Files listed per mode and skipped in the report (0: all)."),
     include_secrets: bool = typer.Option(False, "--include-secrets",
                                          help="Pack files that look like secrets (keys, tokens, .env) too."),
 ) -> None:
@@ -70,11 +70,15 @@ def pack_cmd(
         summary["secrets"] = [{"path": p, "reason": reason} for p, reason in result.secrets]
         typer.echo(json.dumps(summary))
         return
-    typer.echo(f"{result.root}: {result.total_tokens:,} tokens of a {result.budget:,} budget "
-               f"({result.stats.tokenized} files tokenized, {result.stats.outlined} outlined, "
-               f"{result.stats.seconds:.2f} s)")
-    for mode in ("full", "outlined", "dropped"):
-        files = result.by_mode(mode)
+    modes = {mode: result.by_mode(mode) for mode in ("full", "outlined", "dropped")}
+    secrets = (f", {len(result.secrets)} that look like secrets "
+               + ("packed" if result.secrets_included else "left out") if result.secrets else "")
+    typer.echo(f"{result.root}: {result.total_tokens:,} tokens of a {result.budget:,} budget; "
+               f"{len(modes['full'])} files in full, {len(modes['outlined'])} outlined, "
+               f"{len(modes['dropped'])} dropped, {len(result.skipped)} skipped{secrets}")
+    typer.echo(f"({result.stats.tokenized} files tokenized and {result.stats.outlined} outlined by this run, the rest "
+               f"from the cache; {result.stats.seconds:.2f} s)")
+    for mode, files in modes.items():
         tokens = sum(f.full_tokens if mode == "dropped" else f.tokens for f in files)
         note = " in full" if mode == "dropped" else ""
         typer.echo(f"\n{mode}: {len(files)} files, {tokens:,} tokens{note}")
@@ -83,16 +87,24 @@ def pack_cmd(
         for f in shown:
             count = f.full_tokens if mode == "dropped" else f.tokens
             relevance = f"  relevance {f.relevance:.2f}" if f.relevance else ""
-            typer.echo(f"  {count:>9,}  {f.path}{relevance}")
-        if len(shown) < len(files):
-            typer.echo(f"  … {len(files) - len(shown)} more")
+            typer.echo(f"  {count:>9,}  {visible(f.path)}{relevance}")
+        _more(len(files) - len(shown))
     reasons = Counter(reason for _, reason in result.skipped)
     typer.echo(f"\nskipped: {len(result.skipped)} files"
                + (f" ({', '.join(f'{r} {n}' for r, n in reasons.most_common())})" if reasons else ""))
+    shown_skipped = sorted(result.skipped, key=lambda item: (item[1], item[0]))[: limit or None]
+    for p, reason in shown_skipped:
+        typer.echo(f"  {visible(p)}  ({reason})")
+    _more(len(result.skipped) - len(shown_skipped))
     if result.secrets:
         # All of them, whatever --limit says: the user should see every one.
         typer.echo(f"\nsecrets: {len(result.secrets)} files look like secrets, "
                    + ("packed (--include-secrets)" if result.secrets_included else
                       "left out (--include-secrets packs them)"))
         for p, reason in result.secrets:
-            typer.echo(f"  {p}  ({reason})")
+            typer.echo(f"  {visible(p)}  ({reason})")
+
+
+def _more(hidden: int) -> None:
+    if hidden:
+        typer.echo(f"  … {hidden} more (--limit 0 lists all)")

@@ -26,8 +26,8 @@ class EffortProfile(str, Enum):
     v2 = "v2"
 
 
-THINK_OPTION = typer.Option(Think.high, "--think", help="Thinking mode: none (chat), high, or max.")
-
+THINK_OPTION = typer.Option(Think.high, "--think", case_sensitive=False,
+                            help="Thinking mode: none (chat), high, or max.")
 
 
 def _read_text(path: Path) -> str:
@@ -51,7 +51,7 @@ def _read_json_list(path: Path, what: str) -> list[Any]:
 def render_cmd(
     messages_file: Path = typer.Argument(..., metavar="MESSAGES.json", help="An OpenAI-style list of messages."),
     think: Think = THINK_OPTION,
-    effort_profile: EffortProfile = typer.Option(EffortProfile.preview, "--effort-profile",
+    effort_profile: EffortProfile = typer.Option(EffortProfile.preview, "--effort-profile", case_sensitive=False,
                                                  help="Which release's reasoning-effort prefixes to use."),
     tools_file: Path | None = typer.Option(None, "--tools", metavar="TOOLS.json",
                                            help="An OpenAI-style list of tools, attached to the first message."),
