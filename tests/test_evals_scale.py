@@ -242,6 +242,18 @@ def test_terminal_bench_tasks_on_ray_as_on_the_local_runner(tmp_path: Path, ray_
         assert rewards[0] == rewards[1]
 
 
+def test_the_cli_joins_a_running_cluster(dataset, tmp_path: Path, ray_cluster) -> None:
+    """`--ray ADDRESS` from another process: the driver joins this module's cluster."""
+    rows, source, spec = dataset
+    jsonl = tmp_path / "verified.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    address = ray.get_runtime_context().gcs_address
+    done = _cli("eval", "swebench", str(jsonl), "--agent", "oracle", "--repo-source", str(source), "--env-spec",
+                str(spec), "--ray", address, "--workers", "2", "--out", str(tmp_path / "out"), "--json", cwd=tmp_path)
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert (done.returncode, summary["resolved"]) == (0, 3), done.stdout + done.stderr
+
+
 # --- the README's quick checks, exactly as documented (default --out, relative to the cwd) ---------
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
