@@ -240,7 +240,9 @@ class InstanceContainer:
         return run_here
 
     def close(self) -> None:
-        subprocess.run([self.engine.cli, "rm", "-f", "-t", "0", self.name], capture_output=True)
+        # kill first: `sleep` as PID 1 ignores SIGTERM, and `rm -f` would wait out its stop timeout
+        subprocess.run([self.engine.cli, "kill", self.name], capture_output=True)
+        subprocess.run([self.engine.cli, "rm", "-f", self.name], capture_output=True)
 
 
 def grade_in_container(engine: Engine, instance: Instance, model_patch: str, specs: SpecTable, store: RepoStore,
