@@ -166,7 +166,8 @@ def env_image(engine: Engine, spec: EnvSpec, log: Path | None = None) -> str:
                             "python -m pip install --upgrade pip", *spec.install]) + "\n"
         name = f"v4agent-env-{uuid.uuid4().hex[:12]}"
         try:
-            _engine(engine, "run", "--name", name, *_limits(), "-v", f"{_CERTS}:{_CERTS}:ro", *_env_flags(_TRUST), *mounts, base,
+            _engine(engine, "run", "--name", name, *_limits(), "-v", f"{_CERTS}:{_CERTS}:ro", *_env_flags(_TRUST),
+                    *mounts, base,
                     "bash", "-c", script, timeout=3600, log=log)
             _engine(engine, "commit", name, image, timeout=1800, log=log)
         finally:

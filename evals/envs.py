@@ -138,7 +138,8 @@ class SpecTable:
 # --- the official specs (swebench 4.1.0) ---------------------------------------------------------
 
 OFFICIAL_RELEASE = "swebench==4.1.0"
-_OFFICIAL_WHEEL = ("swebench-4.1.0-py3-none-any.whl", "1243776f720047cc9e20a427f7a52b75c13a07abda6154fb60fe77f82ec8af57")
+_OFFICIAL_WHEEL = ("swebench-4.1.0-py3-none-any.whl",
+                   "1243776f720047cc9e20a427f7a52b75c13a07abda6154fb60fe77f82ec8af57")
 # Python repositories the official table covers (swe-bench/humaneval is a toy, left out); the
 # first twelve are SWE-bench Verified's.
 VERIFIED_REPOS = ("astropy/astropy", "django/django", "matplotlib/matplotlib", "mwaskom/seaborn", "pallets/flask",
@@ -185,7 +186,7 @@ def official_tables() -> dict[str, Any]:
     for node in ast.walk(ast.parse(parsers)):
         if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "MAP_REPO_TO_PARSER_PY" for t in node.targets):
             assert isinstance(node.value, ast.Dict)
-            parser_names = {ast.literal_eval(k): v.id for k, v in zip(node.value.keys, node.value.values)
+            parser_names = {ast.literal_eval(k): v.id for k, v in zip(node.value.keys, node.value.values, strict=True)
                             if k is not None and isinstance(v, ast.Name)}
     return {"specs": namespace["MAP_REPO_VERSION_TO_SPECS_PY"], "reqs": namespace["MAP_REPO_TO_REQS_PATHS"],
             "env_yml": namespace["MAP_REPO_TO_ENV_YML_PATHS"], "parsers": parser_names}
@@ -287,7 +288,8 @@ def resolved_for(spec: EnvSpec, repo_dir: Path, commit: str) -> EnvSpec:
     text = requirements_text(spec, repo_dir, commit) if spec.requirements else \
         environment_yml_requirements(spec, repo_dir, commit)
     delimiter = "EOF_59812759871"  # the official heredoc delimiter
-    step = f"cat <<'{delimiter}' > /tmp/requirements.txt\n{text}\n{delimiter}\npython -m pip install -r /tmp/requirements.txt"
+    step = (f"cat <<'{delimiter}' > /tmp/requirements.txt\n{text}\n{delimiter}\n"
+            "python -m pip install -r /tmp/requirements.txt")
     return replace(spec, install=(step, *spec.install), requirements=(), environment_yml=())
 
 

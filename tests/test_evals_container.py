@@ -52,7 +52,8 @@ def test_build_the_base_image_from_debian() -> None:
     assert {"git", "build-essential", "python3"} <= set(official_base_packages())  # the official Dockerfile's
     image = base_image(engine)
     done = subprocess.run([engine.cli, "run", "--rm", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096",
-                           "--network", "none", image, "bash", "-c", "git --version && python3 -m venv /tmp/v && gcc --version"],
+                           "--network", "none", image, "bash", "-c",
+                           "git --version && python3 -m venv /tmp/v && gcc --version"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
@@ -73,7 +74,7 @@ def test_an_instance_graded_in_a_container(tmp_path: Path) -> None:
     # each instance given the other's fix: applies, runs, and its FAIL_TO_PASS test still fails
     swapped = PredictionsAgent({row["instance_id"]: {"instance_id": row["instance_id"], "model_name_or_path": "swap",
                                                      "model_patch": other["patch"]}
-                                for row, other in zip(rows[:2], rows[1::-1])})
+                                for row, other in zip(rows[:2], rows[1::-1], strict=True)})
     results = {}
     for name, agent in (("oracle", OracleAgent()), ("swap", swapped)):
         cfg = swebench.RunConfig(out=tmp_path / name, agent=agent, store=RepoStore(tmp_path / "source"),

@@ -28,7 +28,8 @@ OFFICIAL_COLUMNS = ("repo", "instance_id", "base_commit", "patch", "test_patch",
                     "created_at", "version", "FAIL_TO_PASS", "PASS_TO_PASS", "environment_setup_commit", "difficulty")
 
 CALC = "def add(a, b):\n    return a - b\n\n\ndef mul(a, b):\n    return a + b\n\n\ndef neg(a):\n    return a\n"
-FIXES = {"add": ("a - b", "a + b"), "mul": ("a + b\n\n\ndef neg", "a * b\n\n\ndef neg"), "neg": ("return a\n", "return -a\n")}
+FIXES = {"add": ("a - b", "a + b"), "mul": ("a + b\n\n\ndef neg", "a * b\n\n\ndef neg"),
+         "neg": ("return a\n", "return -a\n")}
 KEEP = "def test_keep():\n    assert True\n"
 CALLS = {"add": "add(2, 3) == 5", "mul": "mul(2, 3) == 6", "neg": "neg(4) == -4"}
 
@@ -60,7 +61,8 @@ def _rows(source: Path) -> list[dict[str, str]]:
             "repo": "acme/calc", "instance_id": f"acme__calc-{n + 1}", "base_commit": base,
             "patch": _diff(repo, "calc.py", CALC.replace(bad, good)),
             "test_patch": _diff(repo, "tests/test_calc.py", test),
-            "problem_statement": f"{name}() is wrong", "hints_text": f"look at {name}", "created_at": "2024-0%d-01T10:00:00Z" % (n + 1),
+            "problem_statement": f"{name}() is wrong", "hints_text": f"look at {name}",
+            "created_at": f"2024-0{n + 1}-01T10:00:00Z",
             "version": "1.0", "FAIL_TO_PASS": json.dumps([f"tests/test_calc.py::test_{name}"]),
             "PASS_TO_PASS": json.dumps(["tests/test_calc.py::test_keep"]), "environment_setup_commit": base,
             "difficulty": "<15 min fix"})
@@ -187,7 +189,8 @@ def test_ray_workers_give_the_local_runners_results(dataset, tmp_path: Path, ray
     local = swebench.run(instances, _config(tmp_path / "local", source, spec, WhereAgent(), None))
     remote = swebench.run(instances, _config(tmp_path / "ray", source, spec, WhereAgent(), "auto"))
     assert local == remote
-    assert local["resolved_ids"] == ["acme__calc-1", "acme__calc-2", "acme__calc-3"] and local["error_ids"] == ["ghost__x-1"]
+    assert local["resolved_ids"] == ["acme__calc-1", "acme__calc-2", "acme__calc-3"]
+    assert local["error_ids"] == ["ghost__x-1"]
     assert _comparable(tmp_path / "local") == _comparable(tmp_path / "ray")
     pids = {json.loads(p.read_text())[p.parent.name]["agent_detail"]["pid"]
             for p in (tmp_path / "ray" / "instances").glob("acme*/report.json")}
