@@ -190,6 +190,9 @@ def test_no_traceback_and_no_torch_for_any_bad_argument(tmp_path: Path, checkpoi
         (["runs", "prune"], {}, 2, error, "--keep N"),
         (["runs", "prune", "--older-than", "soon"], {}, 2, error, "--older-than must be an age"),
         (["runs", "ls"], {}, 0, None, None),
+        (["cache", "prune", "--max-size", "lots"], {}, 2, error, "not a size"),
+        (["cache", "ls", "--root", f"{t}/missing"], {}, 2, error, "no such directory"),
+        (["cache", "stats", "--root", f"{t}/missing"], {}, 2, error, "no such directory"),
         (["bench", "model", "--lengths", "x"], {}, 2, error, "--lengths must be"),
         (["bench", "kernels", "--sizes", "0"], {}, 2, error, "--sizes must be positive"),
         (["eval", "swebench", f"{t}/missing.jsonl"], {}, 2, error, None),
@@ -197,7 +200,7 @@ def test_no_traceback_and_no_torch_for_any_bad_argument(tmp_path: Path, checkpoi
         (["eval", "swebench", "mini", "--agent", "banana"], {}, 2, error, "banana"),
     ]
     heavy = [  # these need torch, after the arguments are checked
-        (["cache", "prune", "--max-size", "lots"], {}, 2, error, "not a size"),
+        (["cache", "ls"], {}, 0, None, None),  # reads the cache with the runtime's own code
         (["model", "info", str(checkpoints["good"])], {}, 0, None, None),
         *[(["model", "info", str(checkpoints[kind])], {}, 2, error, "runtime.load would refuse")
           for kind in ("truncated", "empty", "missing")],
@@ -387,3 +390,12 @@ def test_pack_report_counts_agree_and_lists_what_it_skipped(tmp_path: Path, monk
     everything = runner.invoke(app, ["pack", str(repo), "--limit", "0"]).stdout.splitlines()
     at = next(i for i, line in enumerate(everything) if line.startswith("skipped: 3 files"))
     assert [line.split()[0] for line in everything[at + 1:at + 4]] == ["blob0.bin", "blob1.bin", "blob2.bin"]
+
+
+def test_cache_ls_and_stats_of_an_empty_cache_say_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    isolate(monkeypatch, tmp_path)
+    listed = runner.invoke(app, ["cache", "ls"])
+    assert (listed.exit_code, listed.stdout) == (0, f"no persisted prefixes in {tmp_path / 'cache' / 'prefix'}\n")
+    stats = runner.invoke(app, ["cache", "stats"]).stdout.splitlines()
+    assert [line.split()[0] for line in stats] == ["root", "segments", "bytes", "unreadable"]
+    assert json.loads(runner.invoke(app, ["cache", "stats", "--json"]).stdout)["keys"] == []
