@@ -47,20 +47,37 @@ def _check_reachable(address: str) -> None:
         raise EvalError(f"--ray {address}: cannot connect ({e})") from None
 
 
-def _work(run_one: Callable[[T, Path], dict[str, Any]], item: T) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """On a worker: the item in a scratch output folder; its record and every file it left."""
+def _work(run_one: Callable[[T, Path], dict[str, Any]], item: T) -> tuple[dict[str, Any], dict[str, bytes | str]]:
+    """On a worker: the item in a scratch output folder; its record and what it left there: a
+    file's bytes, or a symbolic link's target as text (a link a task made is not followed: it
+    could point anywhere on the worker)."""
     with tempfile.TemporaryDirectory(prefix="v4agent-ray-") as tmp:
         record = run_one(item, Path(tmp))
-        files = {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
-    return record, files
+        found: dict[str, bytes | str] = {}
+        for path in Path(tmp).rglob("*"):
+            if path.is_symlink():
+                found[str(path.relative_to(tmp))] = os.readlink(path)
+            elif path.is_file():
+                found[str(path.relative_to(tmp))] = path.read_bytes()
+    return record, found
 
 
-def _write(out: Path, files: dict[str, bytes]) -> None:
+def _write(out: Path, files: dict[str, bytes | str]) -> None:
+    """Into `out` as the local runner would have left them; a path that leads out of `out` (a
+    worker that is not ours) is an error."""
+    root = out.resolve()
     for rel in sorted(files, key=lambda r: (Path(r).name in _WRITTEN_LAST, r)):
-        path = out / rel
+        path = root / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or not path.resolve().parent.is_relative_to(root):
+            raise EvalError(f"a Ray worker sent back {rel!r}, a path outside {out}")
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".ray-partial")
-        partial.write_bytes(files[rel])
+        partial.unlink(missing_ok=True)
+        content = files[rel]
+        if isinstance(content, str):
+            partial.symlink_to(content)
+        else:
+            partial.write_bytes(content)
         os.replace(partial, path)
 
 

@@ -144,6 +144,29 @@ def test_ray_address_that_answers_nothing_is_a_clear_error(dataset, tmp_path: Pa
         swebench.run(load_instances(jsonl), _config(tmp_path / "x", source, spec, OracleAgent(), "127.0.0.1:1"))
 
 
+def test_what_workers_send_back_stays_inside_the_run_folder(tmp_path: Path) -> None:
+    """A link an item left is sent as a link (never the worker's file it points at), and a path
+    leading out of the output folder is refused."""
+    from evals.ray_runner import _work, _write
+
+    def leave_files(item: str, out: Path) -> dict:
+        folder = out / "tasks" / item
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text("{}")
+        (folder / "secret").symlink_to("/etc/hostname")
+        return {"item": item}
+
+    record, files = _work(leave_files, "t")
+    assert record == {"item": "t"} and files == {"tasks/t/result.json": b"{}", "tasks/t/secret": "/etc/hostname"}
+    out = tmp_path / "out"
+    _write(out, files)
+    assert (out / "tasks/t/secret").is_symlink() and os.readlink(out / "tasks/t/secret") == "/etc/hostname"
+    for evil in ({"../evil": b"x"}, {"/tmp/evil": b"x"}, {"tasks/l": str(tmp_path), "tasks/l/evil": b"x"}):
+        with pytest.raises(EvalError, match="a path outside"):
+            _write(out, evil)
+    assert not (tmp_path / "evil").exists()
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One real local Ray cluster for the module (starting one costs seconds)."""
