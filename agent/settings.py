@@ -21,7 +21,6 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from agent.backends.http import REASONING_FIELDS
 from agent.encoding import EFFORT_PROFILES, THINK_MODES
 
 CONTEXT_TOKENS = 1_048_576
@@ -65,8 +64,7 @@ class Settings:
     tmp_mb: int = 1024  # the sandbox's private /tmp
 
 
-CHOICES = {"think": THINK_MODES, "effort_profile": tuple(EFFORT_PROFILES), "reasoning_fields": REASONING_FIELDS,
-           "sandbox": ("on", "off")}
+CHOICE_FIELDS = ("think", "effort_profile", "reasoning_fields", "sandbox")
 _POSITIVE = ("max_turns", "max_turn_tokens", "context_limit", "timeout_s", "run_timeout_s", "sandbox_uid", "memory_mb",
              "max_processes", "max_file_mb", "tmp_mb")
 _NON_NEGATIVE = ("max_total_tokens", "retries", "temperature")
@@ -148,6 +146,14 @@ def _merge(settings: Settings, values: Mapping[str, Any], sources: dict[str, str
     return replace(settings, **changes)
 
 
+def _choices(name: str) -> tuple[str, ...]:
+    # Imported here: the HTTP client is not needed to read settings (fix's --help reads the defaults).
+    from agent.backends.http import REASONING_FIELDS
+
+    return {"think": THINK_MODES, "effort_profile": tuple(EFFORT_PROFILES), "reasoning_fields": REASONING_FIELDS,
+            "sandbox": ("on", "off")}[name]
+
+
 def _convert(name: str, kind: str, value: Any, where: str) -> Any:
     """`value` (TOML-typed, or a string from the environment) as the field's type, checked.
     Choices are not case-sensitive (`MAX` is `max`)."""
@@ -170,10 +176,10 @@ def _convert(name: str, kind: str, value: Any, where: str) -> Any:
         raise SettingsError(f"{where} must be {'an' if base == 'int' else 'a'} {base}, not {value!r}") from None
     if base == "float" and not math.isfinite(value):
         raise SettingsError(f"{where} must be a finite number, not {value!r}")
-    if name in CHOICES or name == "device":
+    if name in CHOICE_FIELDS or name == "device":
         value = value.strip().lower()
-    if name in CHOICES and value not in CHOICES[name]:
-        raise SettingsError(f"{where} must be one of {', '.join(CHOICES[name])}, not {value!r}")
+    if name in CHOICE_FIELDS and value not in _choices(name):
+        raise SettingsError(f"{where} must be one of {', '.join(_choices(name))}, not {value!r}")
     if name == "device" and not _DEVICE.fullmatch(value):
         raise SettingsError(f"{where} must be cpu, cuda or cuda:N (a GPU's index), not {value!r}")
     if (name in _POSITIVE and value <= 0) or (name in _NON_NEGATIVE and value < 0):

@@ -9,8 +9,6 @@ else outside a run; a run itself stops `interrupted` and saves its patch (docs/a
 from __future__ import annotations
 
 try:
-    from importlib.metadata import PackageNotFoundError, version
-
     import typer
     from typer.core import TyperOption
 
@@ -33,6 +31,8 @@ TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign]
 
 def _version(show: bool) -> None:
     if show:
+        from importlib.metadata import PackageNotFoundError, version  # ~20 ms: only when asked
+
         try:
             typer.echo(f"v4agent {version('v4agent')}")
         except PackageNotFoundError:  # run from a source tree that was never installed
