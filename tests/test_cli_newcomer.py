@@ -123,6 +123,7 @@ def test_no_traceback_and_no_torch_for_any_bad_argument(tmp_path: Path, checkpoi
     (tmp_path / "colour.toml").write_text("colour = 'blue'\n")
     (tmp_path / "bad.jsonl").write_text("{bad\n")
     (tmp_path / "not-run.jsonl").write_text('{"type": "turn"}\n')
+    (tmp_path / "messages.json").write_text('[{"role": "user", "content": "hi"}]')
     (tmp_path / "a-file").write_text("keep me\n")
     (tmp_path / "holds-git" / ".git").mkdir(parents=True)
     (tmp_path / "not-empty").mkdir()
@@ -178,6 +179,7 @@ def test_no_traceback_and_no_torch_for_any_bad_argument(tmp_path: Path, checkpoi
         (["prompt", "render", f"{t}/missing.json"], {}, 2, error, "cannot read"),
         (["prompt", "render", f"{t}/bad.jsonl"], {}, 2, error, "is not JSON"),
         (["prompt", "render", str(script), "--think", "ultra"], {}, 2, usage, "--think"),
+        (["prompt", "render", f"{t}/messages.json", "--think", "MAX", "--effort-profile", "V2"], {}, 0, None, None),
         (["prompt", "parse", f"{t}/missing.txt"], {}, 2, error, "cannot read"),
         (["model", "info", "banana"], {}, 2, error, "neither 'flash' nor 'pro' nor an existing config.json"),
         (["model", "make-tiny", f"{t}/a-file", "--force"], {}, 2, error, "is a file, not a directory"),
@@ -199,6 +201,9 @@ def test_no_traceback_and_no_torch_for_any_bad_argument(tmp_path: Path, checkpoi
         (["eval", "tbench", f"{t}/missing"], {}, 2, error, None),
         (["eval", "swebench", "mini", "--agent", "banana"], {}, 2, error, "banana"),
     ]
+    if not (shutil.which("docker") or shutil.which("podman")):
+        light.append((["eval", "tbench", "mini", "--agent", "oracle", "--container"], {}, 2, error,
+                      "neither docker nor podman"))
     heavy = [  # these need torch, after the arguments are checked
         (["cache", "ls"], {}, 0, None, None),  # reads the cache with the runtime's own code
         (["model", "info", str(checkpoints["good"])], {}, 0, None, None),
