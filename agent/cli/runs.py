@@ -140,10 +140,12 @@ def show_cmd(
         lines.append(f"pack       {_number(pack.get('tokens'))} tokens of {_number(pack.get('budget'))}: "
                      f"{pack.get('files_full', 0)} files in full, {pack.get('files_outlined', 0)} outlined, "
                      f"{pack.get('files_dropped', 0)} dropped")
-    lines += [f"turn {c['turn']:<5} {', '.join(c['calls']) or '(no tool call)'}" for c in calls]
-    lines.append(f"stopped    {end['stop']} after {end.get('turns')} turns" + (f" ({end['error']})" if end.get("error")
-                                                                               else "") if end else
-                 "stopped    (no end record: still running, or killed)")
+    lines += [f"turn {str(c['turn']):<5} {', '.join(c['calls']) or '(no tool call)'}" for c in calls]
+    if end:
+        error = f" ({end['error']})" if end.get("error") else ""
+        lines.append(f"stopped    {end.get('stop')} after {end.get('turns')} turns{error}")
+    else:
+        lines.append("stopped    (no end record: still running, or killed)")
     lines.append(f"patch      {details['patch_file']} ({_number(s['patch_bytes'] or 0)} bytes)"
                  if details["patch_file"] else "patch      none saved")
     if s["work_kept"]:
