@@ -9,15 +9,13 @@ Order (for the runtime's prefix cache): files unchanged since HEAD first, by pat
 with uncommitted edits or untracked, by path — the same commit and issue give the same prompt.
 
 Budget: the whole repository when it fits. Otherwise each file is full, outlined (tree-sitter
-signatures, see agent/outline.py) or dropped. Files are taken one at a time in this order of
-priority, each when it still fits (within a step, most relevant first, then cheapest first):
-  1. full text of the files the issue points at (agent/relevance.py);
-  2. full text of their neighbours (imports, covering tests), within NEIGHBOUR_SHARE of the budget;
-  3. outlines of non-test files, and full text of the files at the top of the repository
-     (README, pyproject.toml, tox.ini...: they say what the project is and how it is run);
-  4. outlines of tests;
-  5. full text of the other non-test files, then 6. of tests.
-Whatever is left is dropped.
+signatures, see agent/outline.py) or dropped, chosen to maximise the expected recall of the
+files the task needs: agent/rank.py scores every file for the issue (contents, paths, names
+the issue mentions, kind and size) and turns the scores into the probability p that a file is
+one to change; a full file is worth p, an outline OUTLINE_VALUE * p (the model can find the
+file and read it with a tool), and agent/rank_budget.py picks the modes of the DP_FILES most
+likely files with the largest total worth within the budget; the budget left is filled by
+worth per token (outlines and full text of the rest, in that order of density).
 
 Files that look like secrets (agent/pack_files.py: keys, tokens, .env files) are left out and
 listed, unless the caller passes include_secrets=True: the prompt may go to a remote endpoint.
@@ -53,20 +51,22 @@ from agent.pack_files import (
     secret_name_reason,
     work_tree,
 )
-from agent.relevance import DIRECT, score_files
+from agent.rank import Corpus, Ranking, is_source, rank
+from agent.rank_budget import FULL, OUTLINED, Option, choose
+from agent.rank_terms import TermIndex
+from agent import rank_terms as rank_terms_module
 
 CONTEXT_TOKENS = 1_048_576
 CONVERSATION_RESERVE = 131_072  # room for the issue, tool calls, their results and the answer
 DEFAULT_BUDGET = CONTEXT_TOKENS - CONVERSATION_RESERVE
-NEIGHBOUR_SHARE = 0.5
+OUTLINE_VALUE = 0.25  # an outline's worth relative to the full text: the model must still read the file
+DP_FILES = 512  # the most likely files whose modes are chosen exactly; the rest by worth per token
 OUTLINE_HEADER = "[outline: signatures, first docstring lines, #N = line number; read_file for the full text]\n"
-# Top-level files that say little about the code (step 3 leaves them out).
-_BOILERPLATE = ("license", "licence", "copying", "authors", "contributors", "notice", "changelog", "changes",
-                "history", "news")
 _BATCH_BYTES = 4_000_000  # tokenized per encode_batch call: bounds memory, paces progress
 # Outline cache entries are keyed by the outliner's own source, so changing it invalidates them.
 _OUTLINE_VERSION = hashlib.blake2b(Path(outline_module.__file__).read_bytes() + OUTLINE_HEADER.encode(),
                                    digest_size=6).hexdigest()
+_TERMS_VERSION = hashlib.blake2b(Path(rank_terms_module.__file__).read_bytes(), digest_size=6).hexdigest()
 
 Mode = Literal["full", "outlined", "dropped"]
 Progress = Callable[[str, int, int], None]
@@ -88,7 +88,8 @@ class PackedFile:
 
     tokens: what it takes in the prompt, markers included (0 when dropped);
     full_tokens / outline_tokens: what it would take in full / as an outline (None: no outline);
-    relevance: its score for the issue (0 without one); changed: differs from HEAD or untracked.
+    relevance: the probability that the task needs it (agent/rank.py; 0 when the whole repository
+    fit and nothing was ranked); changed: differs from HEAD or untracked.
     """
 
     path: str
@@ -103,11 +104,12 @@ class PackedFile:
 
 @dataclass(frozen=True)
 class PackStats:
-    """Work done by one pack: files tokenized and outlined (cache misses), wall seconds."""
+    """Work done by one pack: files tokenized, outlined and term-indexed (cache misses), wall seconds."""
 
     tokenized: int
     outlined: int
     seconds: float
+    indexed: int = 0
 
 
 @dataclass
@@ -127,6 +129,13 @@ class PackResult:
     _path_ids: dict[str, list[int]] = field(repr=False)
     _outlines: dict[str, tuple[str, str]] = field(repr=False)  # path -> (outline text, ids key)
     _markers: tuple[int, int, int, int] = field(repr=False)
+    _ranking: Ranking | None = field(default=None, repr=False)
+
+    def explain(self, path: str) -> str:
+        """Why `path` scored what it did (agent/rank.py), or that nothing was ranked."""
+        if self._ranking is None:
+            return "not ranked: the whole repository fits"
+        return self._ranking.explain(list(self._ranking.paths).index(path))
 
     @property
     def total_tokens(self) -> int:
@@ -174,7 +183,8 @@ class _Candidate:
     outline_content_tokens: int = 0
     symbols: list[str] = field(default_factory=list)
     imports: list[str] = field(default_factory=list)
-    score: float = 0.0
+    terms: TermIndex | None = None
+    probability: float = 0.0
 
     @property
     def full(self) -> int:
@@ -219,14 +229,23 @@ def pack_repository(path: Path, *, budget: int = DEFAULT_BUDGET, issue: str | No
     for c in candidates:
         c.wrap_tokens = 4 + len(path_ids[c.file.path])
 
-    outlined = 0
+    outlined = indexed = 0
+    ranking = None
     if sum(c.full for c in candidates) <= budget:
         modes: dict[str, Mode] = {c.file.path: "full" for c in candidates}
     else:
         outlined = _outline_all(root, candidates, store, tokenizer, report)
         if issue:
-            _score(issue, candidates)
-        modes = _select(candidates, budget)
+            indexed = _index_terms(root, candidates, store, report)
+        ranking = rank(issue, Corpus([c.file.path for c in candidates],
+                                     [c.terms or TermIndex.empty() for c in candidates],
+                                     [c.full for c in candidates],
+                                     [is_source(c.file.path) for c in candidates],
+                                     {c.file.path: c.symbols for c in candidates},
+                                     {c.file.path: c.imports for c in candidates}))
+        for c, p in zip(candidates, ranking.probability):
+            c.probability = float(p)
+        modes = _select(candidates, ranking.scores, budget)
 
     packed = [_packed(c, modes[c.file.path]) for c in candidates]
     packed.sort(key=lambda f: (f.mode == "dropped", f.mode != "dropped" and f.changed, f.path))
@@ -234,15 +253,17 @@ def pack_repository(path: Path, *, budget: int = DEFAULT_BUDGET, issue: str | No
     return PackResult(
         root=root, budget=budget, files=packed, skipped=sorted(skipped), secrets=sorted(secrets.items()),
         secrets_included=include_secrets,
-        stats=PackStats(tokenized, outlined, time.perf_counter() - start),
+        stats=PackStats(tokenized, outlined, time.perf_counter() - start, indexed),
         _store=store, _path_ids=path_ids,
         _outlines={c.file.path: (c.outline_text, c.outline_key) for c in candidates if c.outline_key},
         _markers=markers,  # type: ignore[arg-type]
+        _ranking=ranking,
     )
 
 
 def _packed(c: _Candidate, mode: Mode) -> PackedFile:
-    return PackedFile(c.file.path, mode, _cost(c, mode), c.full, c.outlined, c.file.blob, c.file.changed, c.score)
+    return PackedFile(c.file.path, mode, _cost(c, mode), c.full, c.outlined, c.file.blob, c.file.changed,
+                      c.probability)
 
 
 def _secrets(root: Path, files: Sequence[RepoFile], store: TokenStore) -> dict[str, str]:
@@ -364,44 +385,55 @@ def _set_outline(c: _Candidate, key: str, record: dict[str, Any], count: int) ->
         c.outline_key, c.outline_text, c.outline_content_tokens = f"{key}.ids", record["text"], count
 
 
-def _score(issue: str, candidates: Sequence[_Candidate]) -> None:
-    scores = score_files(issue, [c.file.path for c in candidates], {c.file.path: c.symbols for c in candidates},
-                         {c.file.path: c.imports for c in candidates})
-    for c in candidates:
-        c.score = scores.get(c.file.path, 0.0)
-
-
-# The steps of the priority order in the module docstring.
-ISSUE_FULL, NEIGHBOUR_FULL, MAP, TEST_OUTLINE, OTHER_FULL, TEST_FULL = range(6)
+def _index_terms(root: Path, candidates: Sequence[_Candidate], store: TokenStore, report: Progress) -> int:
+    """Fill in the term index of every candidate (agent/rank_terms.py), from the cache or made
+    from the file; returns how many were made."""
+    made = 0
+    report("indexing", 0, len(candidates))
+    for done, c in enumerate(candidates, 1):
+        key = f"{c.file.blob}.terms-{_TERMS_VERSION}"
+        try:
+            c.terms = TermIndex.decode(store.load_ids(key))
+        except KeyError:
+            c.terms = TermIndex.of_text((root / c.file.path).read_bytes().decode("utf-8"))
+            store.save_ids(key, c.terms.encode())
+            made += 1
+        if done % 500 == 0 or done == len(candidates):
+            report("indexing", done, len(candidates))
+    return made
 
 
 def _cost(c: _Candidate, mode: Mode) -> int:
     return c.full if mode == "full" else (c.outlined or 0) if mode == "outlined" else 0
 
 
-def _select(candidates: Sequence[_Candidate], budget: int) -> dict[str, Mode]:
-    """Each file's mode under `budget`, by the priority order of the module docstring."""
-    steps: list[tuple[int, float, int, str, Mode, _Candidate]] = []
-    for c in candidates:
-        test = is_test_path(c.file.path)
-        top_level = "/" not in c.file.path and not c.file.path.lower().startswith(_BOILERPLATE)
-        step = (ISSUE_FULL if c.score >= DIRECT else NEIGHBOUR_FULL if c.score > 0 else MAP if top_level
-                else TEST_FULL if test else OTHER_FULL)
-        steps.append((step, -c.score, c.full, c.file.path, "full", c))
-        if c.outlined is not None:
-            steps.append((TEST_OUTLINE if test else MAP, -c.score, c.outlined, c.file.path, "outlined", c))
-    steps.sort(key=lambda s: s[:4])
+_MODES: dict[int, Mode] = {0: "dropped", OUTLINED: "outlined", FULL: "full"}
+
+
+def _select(candidates: Sequence[_Candidate], scores: Sequence[float], budget: int) -> dict[str, Mode]:
+    """Each file's mode under `budget` (module docstring): exactly for the DP_FILES most likely,
+    then by worth per token for the budget left."""
+    order = sorted(range(len(candidates)), key=lambda i: (-scores[i], candidates[i].file.path))
+    ranked = [candidates[i] for i in order]
+    options = [Option(c.probability, c.full, OUTLINE_VALUE * c.probability, c.outlined) for c in ranked]
+    chosen = choose(options[:DP_FILES], budget)
     modes: dict[str, Mode] = {c.file.path: "dropped" for c in candidates}
-    spent = neighbours = 0
-    for step, _, _, path, mode, c in steps:
-        current = modes[path]
+    for c, mode in zip(ranked, chosen):
+        modes[c.file.path] = _MODES[mode]
+    spent = sum(_cost(c, modes[c.file.path]) for c in ranked)
+    # Every step up left (outline a dropped file, or full text), by worth per token; ties in rank order.
+    steps: list[tuple[float, int, Mode]] = []
+    for position, (c, option) in enumerate(zip(ranked, options)):
+        if c.outlined is not None:
+            steps.append((-option.outline_value / max(c.outlined, 1), position, "outlined"))
+        steps.append((-option.full_value / max(c.full, 1), position, "full"))
+    for _, position, mode in sorted(steps):
+        c = ranked[position]
+        current = modes[c.file.path]
         if current == "full" or (mode == "outlined" and current != "dropped"):
             continue  # never a step down
         delta = _cost(c, mode) - _cost(c, current)
-        if spent + delta > budget or (step == NEIGHBOUR_FULL and neighbours + delta > budget * NEIGHBOUR_SHARE):
-            continue
-        modes[path] = mode
-        spent += delta
-        if step == NEIGHBOUR_FULL:
-            neighbours += delta
+        if spent + delta <= budget:
+            modes[c.file.path] = mode
+            spent += delta
     return modes

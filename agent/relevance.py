@@ -1,15 +1,16 @@
-"""How relevant each file is to an issue, for packing a repository that does not fit whole.
+"""What an issue mentions outright, for ranking files (agent/rank.py uses it among its features).
 
-Scores add up from what the issue text mentions:
-- a path (`django/db/models/query.py`, a traceback's `File ".../query.py"`, or a bare name
-  `query.py`, shared among the files it could mean);
-- a dotted module (`django.db.models.query`);
-- an identifier that a file defines (class, function, module constant), shared among the files
+`mentions` scores each file by what the issue text names:
+- its path (`django/db/models/query.py`, a traceback's `File ".../query.py"`, or a bare name
+  `query.py`, shared among the files it could mean): PATH_WEIGHT;
+- its dotted module (`django.db.models.query`, also `pkg.mod.Class.method`): PATH_WEIGHT;
+- an identifier that it defines (class, function, module constant), shared among the files
   defining it, doubled when it looks like code (`QuerySet`, `bulk_create`), ignored when more
   than a few files define it (a common word then, not a pointer);
-- a code-like identifier that names a directory (`tests/bulk_create/`), weakly.
-Files scoring at least DIRECT are what the issue is about; the Python modules they import and
-the tests that cover them (import them, or are named after them) get NEIGHBOUR.
+- a code-like identifier naming one of its directories (`tests/bulk_create/`), weakly.
+The first two are also returned apart (`named`): the files the issue names outright.
+Modules are resolved with `module_index` and `resolve_import`, which agent/rank.py also uses
+for the import graph.
 """
 
 from __future__ import annotations
@@ -17,14 +18,11 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from agent.pack_files import is_test_path
-
-DIRECT = 1.0
-NEIGHBOUR = 0.5
 PATH_WEIGHT = 10.0
 SYMBOL_WEIGHT = 1.0
-DIRECTORY_WEIGHT = 0.5  # below DIRECT: a directory named like the code is a hint, not a pointer
+DIRECTORY_WEIGHT = 0.5  # a directory named like the code is a hint, not a pointer
 MAX_AMBIGUITY = 5  # a mention matching more files than this points nowhere in particular
 
 _PATHLIKE = re.compile(r"[\w.\-/]*\w\.[A-Za-z]\w*")
@@ -69,9 +67,19 @@ def _looks_like_code(identifier: str) -> bool:
     return "_" in identifier or any(c.isupper() for c in identifier[1:])
 
 
-def score_files(issue: str, paths: Sequence[str], symbols: Mapping[str, Sequence[str]],
-                imports: Mapping[str, Sequence[str]]) -> dict[str, float]:
-    """path -> relevance score (files not mentioned at all are left out)."""
+@dataclass(frozen=True)
+class Mentions:
+    """scores: path -> the sum of its mentions' weights; named: path -> the share of
+    PATH_WEIGHT its path or module mentions gave it (1 when named once without ambiguity)."""
+
+    scores: dict[str, float]
+    named: dict[str, float]
+
+
+def mentions(issue: str, paths: Sequence[str], symbols: Mapping[str, Sequence[str]],
+             modules: Mapping[str, str]) -> Mentions:
+    """What `issue` mentions of the files `paths` (with the names each defines and the module
+    index of `paths`); files not mentioned are left out."""
     scores: dict[str, float] = defaultdict(float)
     by_name: dict[str, list[str]] = defaultdict(list)
     by_dir: dict[str, list[str]] = defaultdict(list)
@@ -90,11 +98,10 @@ def score_files(issue: str, paths: Sequence[str], symbols: Mapping[str, Sequence
     not_identifiers: set[str] = set()
     for mention in set(_PATHLIKE.findall(issue)):
         mention = mention.lstrip("./")
-        add([p for p in by_name.get(_name(mention), ())
+        add([p for p in by_name.get(mention.rsplit("/", 1)[-1], ())
              if p == mention or p.endswith("/" + mention) or mention.endswith("/" + p)], PATH_WEIGHT)
         if "/" in mention:
             not_identifiers.update(mention.split("/"))
-    modules = module_index(paths)
     for dotted in set(_DOTTED.findall(issue)):
         parts = dotted.split(".")
         # `pkg.mod.Class.method` names module `pkg.mod`: the longest prefix that is a module
@@ -103,6 +110,7 @@ def score_files(issue: str, paths: Sequence[str], symbols: Mapping[str, Sequence
         if n:
             add([modules[".".join(parts[:n])]], PATH_WEIGHT)
             not_identifiers.update(parts[:n])
+    named = {path: score / PATH_WEIGHT for path, score in scores.items()}
 
     defined_in: dict[str, list[str]] = defaultdict(list)
     for path, names in symbols.items():
@@ -114,39 +122,4 @@ def score_files(issue: str, paths: Sequence[str], symbols: Mapping[str, Sequence
         if code:
             # A directory named after it (tests/bulk_create/) is about it too, less surely.
             add(by_dir.get(identifier, ()), DIRECTORY_WEIGHT)
-
-    direct = [path for path, score in scores.items() if score >= DIRECT]
-    for path in _neighbours(direct, paths, imports, modules):
-        scores[path] = max(scores[path], NEIGHBOUR)
-    return dict(scores)
-
-
-def _neighbours(direct: Sequence[str], paths: Sequence[str], imports: Mapping[str, Sequence[str]],
-                modules: Mapping[str, str]) -> set[str]:
-    """Modules the direct files import, and tests that import them or are named after them."""
-    found: set[str] = set()
-    direct_set = set(direct)
-    for path in direct:
-        for name in imports.get(path, ()):
-            target = resolve_import(name, path, modules)
-            if target is not None and target != path:
-                found.add(target)
-    stems = {_module_stem(path) for path in direct}
-    for path in paths:
-        if not is_test_path(path) or path in direct_set:
-            continue
-        tested = _name(path).rsplit(".", 1)[0].removeprefix("test_").removesuffix("_test").removesuffix("_tests")
-        if tested in stems or any(resolve_import(name, path, modules) in direct_set
-                                  for name in imports.get(path, ())):
-            found.add(path)
-    return found
-
-
-def _name(path: str) -> str:
-    return path.rsplit("/", 1)[-1]
-
-
-def _module_stem(path: str) -> str:
-    parts = path.split("/")
-    stem = parts[-1].rsplit(".", 1)[0]
-    return parts[-2] if stem == "__init__" and len(parts) > 1 else stem
+    return Mentions(dict(scores), named)

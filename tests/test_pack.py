@@ -14,7 +14,7 @@ from agent.encoding import FILE_BEGIN, FILE_END, FILE_NAME_BEGIN, FILE_NAME_END
 from agent.outline import GRAMMARS, _Writer, outline
 from agent.pack import OUTLINE_HEADER, PackError, pack_repository
 from agent.pack_cache import TokenStore
-from agent.relevance import DIRECT, NEIGHBOUR, module_index, resolve_import, score_files
+from agent.relevance import DIRECTORY_WEIGHT, PATH_WEIGHT, mentions, module_index, resolve_import
 from runtime.tokenizer import load_tokenizer
 
 MOD = '''"""Geometry helpers.
@@ -213,12 +213,19 @@ def test_cache_survives_torn_and_leftover_files(project: Path, tokenizer: Counti
 
 def test_budget_forces_outlines_then_drops(project: Path, tokenizer: CountingTokenizer, tmp_path: Path):
     cache = tmp_path / "cache"
-    (project / "geo/big.py").write_text("".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(100)))
+    body = "".join(f"    x = x * {k} + {k}\n" for k in range(6))
+    (project / "geo/big.py").write_text("".join(f"def f{i}(x):\n{body}    return x\n\n" for i in range(40)))
     whole = pack_repository(project, tokenizer=tokenizer, cache_dir=cache).total_tokens
-    tight = pack_repository(project, budget=whole - 1, issue="Shape.area is wrong", tokenizer=tokenizer,
+    # One token short: the least worth is given up (one small file that is no code and not named).
+    short = pack_repository(project, budget=whole - 1, issue="Shape.area is wrong", tokenizer=tokenizer,
+                            cache_dir=cache)
+    short_modes = {f.path: f.mode for f in short.files}
+    assert short.total_tokens <= whole - 1 and short_modes.pop("README.md") == "dropped"
+    assert set(short_modes.values()) == {"full"}
+    tight = pack_repository(project, budget=whole // 2, issue="Shape.area is wrong", tokenizer=tokenizer,
                             cache_dir=cache)
     modes = {f.path: f.mode for f in tight.files}
-    assert tight.total_tokens <= whole - 1 and modes["geo/big.py"] == "outlined"
+    assert tight.total_tokens <= whole // 2 and modes["geo/big.py"] == "outlined"
     assert modes["geo/shapes.py"] == "full"  # what the issue points at
     tiny = pack_repository(project, budget=120, issue="Shape.area is wrong", tokenizer=tokenizer, cache_dir=cache)
     tiny_modes = {f.path: f.mode for f in tiny.files}
@@ -290,18 +297,18 @@ def test_javascript_outline():
     assert found.text == ("// Adds.\nexport function add(a, b) { … } //2\nclass Box //5\n    open() { … } //6\n")
 
 
-def test_relevance_scores():
+def test_mentions():
     paths = ["pkg/__init__.py", "pkg/core.py", "pkg/util.py", "pkg/other.py", "tests/test_core.py",
-             "tests/test_misc.py", "tests/bulk_save/tests.py", "docs/core.md"]
+             "tests/bulk_save/tests.py", "docs/core.md"]
     symbols = {"pkg/core.py": ["Engine", "run"], "pkg/util.py": ["helper"], "pkg/other.py": ["run"]}
-    imports = {"pkg/core.py": [".util"], "tests/test_misc.py": ["pkg.core"]}
-    scores = score_files("Engine.start() fails in bulk_save, see pkg/core.py", paths, symbols, imports)
-    assert scores["pkg/core.py"] >= DIRECT
-    assert scores["pkg/util.py"] == NEIGHBOUR  # imported by it
-    assert scores["tests/test_core.py"] == NEIGHBOUR  # named after it
-    assert scores["tests/test_misc.py"] == NEIGHBOUR  # imports it
-    assert 0 < scores["tests/bulk_save/tests.py"] < DIRECT  # in a directory named in the issue
-    assert "pkg/other.py" not in scores and "docs/core.md" not in scores
-    assert score_files("pkg.util.helper is slow", paths, symbols, imports)["pkg/util.py"] >= DIRECT
+    found = mentions("Engine.start() fails in bulk_save, see pkg/core.py", paths, symbols, module_index(paths))
+    assert found.named == {"pkg/core.py": 1.0}
+    assert found.scores["pkg/core.py"] == PATH_WEIGHT + 1  # its path, and a class it defines (a plain word)
+    assert found.scores["tests/bulk_save/tests.py"] == DIRECTORY_WEIGHT  # in a directory named in the issue
+    assert set(found.scores) == {"pkg/core.py", "tests/bulk_save/tests.py"}
+    dotted = mentions("pkg.util.helper is slow; run it", paths, symbols, module_index(paths))
+    assert dotted.named == {"pkg/util.py": 1.0}
+    assert dotted.scores["pkg/core.py"] == dotted.scores["pkg/other.py"] == 0.5  # `run`: shared, plain word
+    assert mentions("see core.py", paths, symbols, module_index(paths)).named == {"pkg/core.py": 1.0}
     modules = module_index(["src/a/__init__.py", "src/a/b.py"])
     assert modules["a.b"] == "src/a/b.py" and resolve_import("..b", "src/a/c/d.py", modules) == "src/a/b.py"

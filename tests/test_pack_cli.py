@@ -52,7 +52,7 @@ def test_report(repo: Path):
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"{repo.resolve()}: ") and "of a 200 budget" in lines[0]
     assert "full: 1 files" in result.stdout and "outlined: 1 files" in result.stdout
-    assert any(line.strip().endswith("pkg/small.py  relevance 2.00") for line in lines)
+    assert any(line.strip().endswith("pkg/small.py  relevance 1.00") for line in lines)
     assert lines[-2:] == ["skipped: 1 files (binary or data 1)", "  logo.png  (binary or data)"]
 
 

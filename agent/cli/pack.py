@@ -22,6 +22,8 @@ def pack_cmd(
     limit: int = typer.Option(20, "--limit", min=0, help="Files listed per mode and skipped in the report (0: all)."),
     include_secrets: bool = typer.Option(False, "--include-secrets",
                                          help="Pack files that look like secrets (keys, tokens, .env) too."),
+    explain: bool = typer.Option(False, "--explain", help="Say why each full file is in full: its score, its "
+                                 "probability and what they are made of (docs/agent-pack-and-tools.md)."),
 ) -> None:
     """Pack a repository into one prompt within a token budget."""
     from rich.console import Console
@@ -66,6 +68,10 @@ def pack_cmd(
     if as_json:
         summary["files"] = [{"path": f.path, "mode": f.mode, "tokens": f.tokens, "full_tokens": f.full_tokens,
                              "relevance": round(f.relevance, 3)} for f in result.files]
+        if explain:
+            for entry in summary["files"]:
+                if entry["mode"] == "full":
+                    entry["why"] = result.explain(entry["path"])
         summary["skipped"] = [{"path": p, "reason": reason} for p, reason in result.skipped]
         summary["secrets"] = [{"path": p, "reason": reason} for p, reason in result.secrets]
         typer.echo(json.dumps(summary))
@@ -103,6 +109,10 @@ def pack_cmd(
                       "left out (--include-secrets packs them)"))
         for p, reason in result.secrets:
             typer.echo(f"  {visible(p)}  ({reason})")
+    if explain:
+        typer.echo("\nwhy in full (score = the sum of the parts; p = its probability of being needed):")
+        for f in sorted(modes["full"], key=lambda f: (-f.relevance, f.path)):
+            typer.echo(visible(f"  {f.path}: {result.explain(f.path)}"))
 
 
 def _more(hidden: int) -> None:
