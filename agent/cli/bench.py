@@ -83,6 +83,34 @@ def pack_cmd(
     print_result(result, as_json)
 
 
+@app.command("localize")
+def localize_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of lines."),
+    repos: Path | None = typer.Option(None, "--repos", help="Bare clones as <owner>+<name>.git (default: "
+                                      "~/.cache/v4agent/localize/repos; missing ones are cloned from GitHub)."),
+    work_dir: Path | None = typer.Option(None, "--work-dir", help="Where snapshots and their token cache are kept "
+                                         "(default: ~/.cache/v4agent/localize)."),
+    split: str | None = typer.Option(None, "--split", help="Only the cases of this split: tune or held-out."),
+    repo: str | None = typer.Option(None, "--repo", help="Only the cases of this repository (owner/name)."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="At most this many cases per repository."),
+) -> None:
+    """Does packing put the files real bug fixes changed in full? Recall at 32K/128K/512K, BM25 and random beside it."""
+    import subprocess
+
+    from rich.console import Console
+
+    from agent.bench_localize import SPLITS, run
+
+    if split is not None and split not in SPLITS:
+        raise fail(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    with Console(stderr=True).status("localize") as status:
+        try:
+            result = run(repos, work_dir, split=split, repo=repo, limit=limit, progress=status.update)
+        except (OSError, ValueError, subprocess.CalledProcessError) as e:
+            raise fail(str(e)) from None
+    print_result(result, as_json)
+
+
 @app.command("session")
 def session_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of lines."),
