@@ -198,7 +198,7 @@ def test_a_latin1_file_is_read_edited_and_patched_byte_for_byte(tmp_path: Path):
     assert call("write_file", {"path": "legacy.py", "content": "A = 'é'\n"}, ws.root).ok
     assert (ws.root / "legacy.py").read_bytes() == b"A = '\xe9'\n"  # keeps its encoding
     bad = call("write_file", {"path": "new.py", "content": "X = '\ud800'\n"}, ws.root)  # a JSON "\ud800"
-    assert not bad.ok and "UTF-8 cannot hold" in bad.output
+    assert not bad.ok and "not valid Unicode" in bad.output
     (ws.root / "legacy.py").write_bytes(expected)
 
     patch = ws.patch().diff  # before: UnicodeDecodeError, and the run deleted the copy

@@ -30,9 +30,7 @@ def _encode(path: str, text: str, encoding: str) -> bytes:
     try:
         return text.encode(encoding)
     except UnicodeEncodeError as e:
-        bad = e.object[e.start:e.end]
-        if encoding == "utf-8":  # lone surrogates, from \ud800-style escapes in the call's JSON
-            raise ToolError(f"the text for {path} has characters UTF-8 cannot hold: {bad!r}") from None
+        bad = e.object[e.start:e.end]  # only Latin-1 can fail: tools.base refuses lone surrogates
         raise ToolError(f"{path} is not UTF-8 (it is read and written as Latin-1, one character per byte), and "
                         f"{bad!r} has no Latin-1 byte; keep to its characters, or delete the file to write it "
                         f"afresh as UTF-8") from None
