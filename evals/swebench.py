@@ -110,10 +110,10 @@ def run_instance(instance: Instance, cfg: RunConfig) -> dict[str, Any]:
         timings["agent_s"] = round(time.monotonic() - started, 2)
         if outcome.predicted:
             write_json(folder / "prediction.json", prediction(instance.instance_id, cfg.agent.name, outcome.patch))
-        if outcome.trajectory:  # the agent's chat messages, also as ATIF for Harbor's tools
+        messages = atif.load_messages(outcome.trajectory.read_text()) if outcome.trajectory else []
+        if messages:  # the agent's chat messages, also as ATIF for Harbor's tools (ATIF has no empty one)
             write_json(folder / "trajectory.atif.json", atif.trajectory(
-                atif.load_messages(outcome.trajectory.read_text()), session_id=instance.instance_id,
-                agent=cfg.agent.name, version="0.1.0"))
+                messages, session_id=instance.instance_id, agent=cfg.agent.name, version="0.1.0"))
         if not outcome.predicted:
             record = _not_graded(None, "incomplete")
         elif outcome.patch in ("", None):  # officially not run

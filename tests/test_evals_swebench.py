@@ -279,3 +279,21 @@ def test_predictions_for_unknown_instances_are_an_error(tmp_path):
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "predictions for instances not in" in result.output
     assert "nope__nope-1" in result.output and not (tmp_path / "out").exists()
+
+
+def test_v4_adapter_with_an_empty_trajectory_still_grades(calc, tmp_path):
+    """A fix that died before writing any record leaves an empty trajectory: no ATIF file (ATIF has
+    no empty trajectory), and the instance is graded on its patch, not turned into an error."""
+    fake = tmp_path / "fake_fix.py"
+    fake.write_text(textwrap.dedent("""
+        import json, pathlib, sys
+        repo, runs = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+        (repo / "calc.py").write_text((repo / "calc.py").read_text().replace("a - b", "a + b"))
+        runs.write_text("")
+        print(json.dumps({"patch": "", "stop": "error", "turns": 0, "trajectory": str(runs)}))
+        sys.exit(1)
+        """))
+    agent = V4Agent(f"{sys.executable} {fake} {{repo}} {tmp_path / 'trajectory.jsonl'}")
+    record = _one(calc, agent)
+    assert record["resolved"]
+    assert not (calc.config(agent).out / "instances" / "acme__calc-1" / "trajectory.atif.json").exists()
