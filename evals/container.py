@@ -51,8 +51,9 @@ VENV = "/opt/venv"
 _CERTS = "/etc/ssl/certs"
 # pip (its own certifi bundle), requests and OpenSSL all told to trust the host's certificates
 _TRUST = {var: f"{_CERTS}/ca-certificates.crt" for var in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")}
-# What we add to the official base packages: venv instead of conda; patch for `patch --fuzz`.
-_EXTRA_PACKAGES = ("python3-venv", "patch", "ca-certificates")
+# What we add to the official base packages: venv instead of conda, Python's headers (conda's
+# Python has them: C extensions among the requirements build against them), patch for `--fuzz`.
+_EXTRA_PACKAGES = ("python3-venv", "python3-dev", "patch", "ca-certificates")
 
 
 @dataclass(frozen=True)
