@@ -89,3 +89,50 @@ def test_an_instance_graded_in_a_container(tmp_path: Path) -> None:
     leftovers = subprocess.run([engine.cli, "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True)
     assert "v4agent-eval-" not in leftovers.stdout  # every instance container removed
 
+
+
+@pytest.mark.slow
+def test_the_official_django_spec_in_a_container(tmp_path: Path) -> None:
+    """Django 5.0 from its PyPI sdist (as the mini set gets its repositories), graded on the
+    official spec: Python 3.11, tests/requirements/py3.txt read from the repository, `pip install
+    -e .`, Django's runner on dotted labels, the official Django parser. Minutes cold (PyPI)."""
+    engine = _engine_or_skip()
+    _base_or_skip(engine)
+    from evals.proc import git
+    from evals.repos import download_sdist, sdist_commit
+
+    bare = tmp_path / "source" / "django__django.git"
+    bare.mkdir(parents=True)
+    git("init", "--quiet", "--bare", str(bare), cwd=tmp_path)
+    base = sdist_commit(bare, download_sdist("Django==5.0.1"), "refs/heads/base")
+    work = tmp_path / "work"
+    git("clone", "--quiet", "--shared", str(bare), str(work), cwd=tmp_path)
+    git("checkout", "--quiet", base, cwd=work)
+
+    def diff(path: str, added: str) -> str:
+        with (work / path).open("a") as handle:
+            handle.write(added)
+        patch = git("diff", cwd=work)
+        git("checkout", "--quiet", "--", ".", cwd=work)
+        return patch
+
+    record = {
+        "repo": "django/django", "instance_id": "django__django-1", "base_commit": base, "version": "5.0",
+        "environment_setup_commit": base, "problem_statement": "add shout()", "hints_text": "", "created_at": "",
+        "patch": diff("django/utils/text.py", "\n\ndef shout(value):\n    return str(value).upper() + '!'\n"),
+        "test_patch": diff("tests/utils_tests/test_text.py",
+                           "\n\nclass ShoutTests(SimpleTestCase):\n    def test_shout(self):\n"
+                           "        from django.utils.text import shout\n\n"
+                           "        self.assertEqual(shout('hi'), 'HI!')\n\n"
+                           "    def test_slug(self):\n        self.assertEqual(text.slugify('A b'), 'a-b')\n"),
+        "FAIL_TO_PASS": json.dumps(["test_shout (utils_tests.test_text.ShoutTests.test_shout)"]),
+        "PASS_TO_PASS": json.dumps(["test_slug (utils_tests.test_text.ShoutTests.test_slug)"])}
+    (tmp_path / "django.jsonl").write_text(json.dumps(record) + "\n")
+    cfg = swebench.RunConfig(out=tmp_path / "out", agent=OracleAgent(), store=RepoStore(tmp_path / "source"),
+                             specs=SpecTable(), engine=engine)
+    summary = swebench.run(load_instances(tmp_path / "django.jsonl"), cfg)
+    folder = tmp_path / "out" / "instances" / "django__django-1"
+    assert summary["resolved_ids"] == ["django__django-1"], (folder / "report.json").read_text()
+    assert "python -m pip install -e ." in (folder / "setup.log").read_text()
+    assert "runtests.py --verbosity 2 --settings=test_sqlite --parallel 1 utils_tests.test_text" in (
+        folder / "test_output.txt").read_text()
