@@ -64,7 +64,7 @@ def swebench_cmd(
     timeout: float = typer.Option(1800, "--timeout", help="Seconds for one instance's test run (official: 1800)."),
     agent_timeout: float = typer.Option(3600, "--agent-timeout", help="Seconds for the v4 agent per instance."),
     v4_cmd: str | None = typer.Option(None, "--v4-cmd", help="Command template for the v4 agent (docs/evals.md)."),
-    container: bool = typer.Option(False, "--container", help="Grade in the official images (docker or podman)."),
+    container: bool = typer.Option(False, "--container", help="Grade in containers on images built here (podman or docker; docs/evals.md)."),
     official: bool = typer.Option(False, "--official", help="Also grade predictions.jsonl with the official harness."),
     report_official: bool = typer.Option(False, "--report-official",
                                          help="Also write the official run report OUT/<model>.<out name>.json."),
