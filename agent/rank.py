@@ -36,12 +36,12 @@ import numpy as np
 
 from agent.outline import EXTENSIONS
 from agent.pack_files import is_test_path
-from agent.rank_terms import TermIndex, hyphenated, term_hash, word_terms, words
+from agent.rank_terms import TermIndex, term_hash, token_terms, tokens, word_terms
 from agent.relevance import mentions, module_index, resolve_import
 
 FEATURES = ("lexical", "path", "defines", "mention", "named", "imported_by", "imports", "tests", "test", "non_code",
             "size", "init")
-COEFFICIENTS = np.array([7.26, 2.00, 2.09, 0.27, 8.0, 1.37, 1.55, 3.34, -4.23, -3.37, 0.51, -1.03])
+COEFFICIENTS = np.array([7.44, 1.61, 2.10, 0.34, 8.0, 1.35, 1.59, 3.25, -4.06, -3.43, 0.49, -0.99])
 K1 = 1.2
 B = 0.75
 CODE_WEIGHT = 2.0
@@ -93,18 +93,21 @@ class Query:
 
     @classmethod
     def of(cls, issue: str) -> Query:
-        code_words = {w for span in _CODE_SPAN.findall(issue) for w in words(span)}
+        code_tokens = {t for span in _CODE_SPAN.findall(issue) for t in tokens(span)}
         counts: Counter[str] = Counter()
         code: set[str] = set()
-        for word in words(issue):
-            looks_like_code = word in code_words or "_" in word.strip("_") or any(c.isupper() for c in word[1:])
-            for term in word_terms(word):
-                counts[term] += 1
-                if looks_like_code:
-                    code.add(term)
-        for name in hyphenated(issue):
-            counts[name.lower()] += 1
-            code.add(name.lower())
+        for token in tokens(issue):
+            # A hyphenated name is code as a whole; its words by their own look.
+            for word in token.split("-") if "-" in token else (token,):
+                looks_like_code = (token in code_tokens or "_" in word.strip("_")
+                                   or any(c.isupper() for c in word[1:]))
+                for term in token_terms(word) if len(word) > 1 else ():
+                    counts[term] += 1
+                    if looks_like_code:
+                        code.add(term)
+            if "-" in token:
+                counts[token.lower()] += 1
+                code.add(token.lower())
         weights = {t: (1 + math.log(n)) * (CODE_WEIGHT if t in code else 1.0) for t, n in counts.items()}
         return cls(weights, frozenset(code))
 
@@ -151,7 +154,7 @@ def _bm25(weights: Mapping[str, float], corpus: Corpus) -> _Lexical:
 def _path_terms(path: str) -> set[str]:
     parts = path.split("/")
     stem = parts[-1].rsplit(".", 1)[0]
-    return {t for part in [*parts[:-1], stem] for w in words(part) for t in word_terms(w)}
+    return {t for part in [*parts[:-1], stem] for token in tokens(part) for t in token_terms(token)}
 
 
 def _path_scores(weights: Mapping[str, float], paths: Sequence[str]) -> tuple[np.ndarray, list[set[str]]]:

@@ -1,13 +1,17 @@
 """Code-aware terms of files and of an issue, for lexical ranking (agent/rank.py).
 
-A word is an identifier-like run (`[A-Za-z_][A-Za-z0-9_]*`, two characters at least) anywhere
-in the text: code, comments, strings and error messages alike. Its terms are the word itself,
-lower-cased, and, when it is compound, its parts split on `_`, camelCase and digit boundaries
-(`bulk_create` -> bulk_create, bulk, create; `QuerySet` -> queryset, query, set;
-`HTTPError` -> httperror, http, error; leading and trailing underscores dropped:
-`_request` -> request). A file's term counts are kept per git blob
-(`TermIndex`: 32-bit term hashes and counts, as one uint32 array the token store holds), so
-a repository is read once and every later pack loads small arrays.
+A token is an identifier-like run, hyphens between parts allowed (`[A-Za-z_][A-Za-z0-9_]*`,
+then `-part`s), anywhere in the text: code, comments, strings and error messages alike. Its
+terms are its words (the hyphen-separated parts of two characters or more that start with a
+letter or `_`), each lower-cased with leading and trailing underscores dropped, and each
+compound word's parts, split on `_`, camelCase and digit boundaries (`bulk_create` ->
+bulk_create, bulk, create; `QuerySet` -> queryset, query, set; `HTTPError` -> httperror,
+http, error); a hyphenated token is also a term whole (`not-callable`, `--import-mode` ->
+import-mode): message ids, options and config keys are as specific as an identifier.
+
+A file's terms are kept per git blob (`TermIndex`: sorted 32-bit term hashes and their
+counts, one uint32 array in the token store), so a repository is read once and every later
+pack loads small arrays.
 """
 
 from __future__ import annotations
@@ -17,59 +21,64 @@ import re
 import zlib
 from array import array
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 
+_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:-[A-Za-z0-9_]+)*")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]+")
-# Hyphenated names (`not-callable`, `--import-mode`, `no-name-in-module`): message ids, options
-# and config keys, as specific as an identifier.
-_HYPHENATED = re.compile(r"(?<!\w)[A-Za-z][A-Za-z0-9]*(?:-[A-Za-z0-9]+)+")
 _PART = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 MAX_COUNT = 2**32 - 1
 
 
 @functools.lru_cache(maxsize=1 << 18)
 def word_terms(word: str) -> tuple[str, ...]:
-    """The terms of one word: itself lower-cased, then its parts (two letters at least) when
-    it has more than one."""
+    """The terms of one word: itself lower-cased (underscores at its ends dropped), then its
+    parts (two letters at least) when it has more than one."""
     whole = word.lower().strip("_")
     parts = [p.lower() for p in _PART.findall(word)]
     parts = [p for p in parts if len(p) > 1 and not p.isdigit()]
     if len(parts) < 2:
-        return (whole,)
+        return (whole,) if whole else ()
     return (whole, *dict.fromkeys(p for p in parts if p != whole))
 
 
 @functools.lru_cache(maxsize=1 << 18)
+def token_terms(token: str) -> tuple[str, ...]:
+    """The terms of one token (module docstring), each once."""
+    if "-" not in token:
+        return word_terms(token) if len(token) > 1 else ()
+    found = [token.lower()]
+    for word in token.split("-"):
+        if _WORD.fullmatch(word):
+            found += word_terms(word)
+    return tuple(dict.fromkeys(found))
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _token_hashes(token: str) -> tuple[int, ...]:
+    return tuple(term_hash(t) for t in token_terms(token))
+
+
 def term_hash(term: str) -> int:
     """A stable 32-bit id of a term (collisions are rare enough not to matter for ranking)."""
     return zlib.crc32(term.encode())
 
 
-def words(text: str) -> list[str]:
-    return _WORD.findall(text)
-
-
-def hyphenated(text: str) -> list[str]:
-    return _HYPHENATED.findall(text)
+def tokens(text: str) -> list[str]:
+    return _TOKEN.findall(text)
 
 
 def term_counts(text: str) -> Counter[str]:
-    """How often each term occurs in `text`: the terms of its words, and its hyphenated names
-    lower-cased."""
+    """How often each term occurs in `text`."""
     counts: Counter[str] = Counter()
-    for word, n in Counter(_WORD.findall(text)).items():
-        for term in word_terms(word):
+    for token, n in Counter(_TOKEN.findall(text)).items():
+        for term in token_terms(token):
             counts[term] += n
-    for name, n in Counter(_HYPHENATED.findall(text)).items():
-        counts[name.lower()] += n
     return counts
 
 
 @dataclass(frozen=True)
 class TermIndex:
-    """The terms of one file: sorted unique term hashes, their counts, and the file's length
-    in terms."""
+    """The terms of one file: sorted unique term hashes and their counts."""
 
     hashes: array
     counts: array
@@ -84,10 +93,12 @@ class TermIndex:
 
     @classmethod
     def of_text(cls, text: str) -> TermIndex:
+        # Hashes straight from the tokens (cached per token): this runs over every file once.
         by_hash: dict[int, int] = {}
-        for term, n in term_counts(text).items():
-            h = term_hash(term)
-            by_hash[h] = by_hash.get(h, 0) + n
+        get = by_hash.get
+        for token, n in Counter(_TOKEN.findall(text)).items():
+            for h in _token_hashes(token):
+                by_hash[h] = get(h, 0) + n
         ordered = sorted(by_hash)
         return cls(array("I", ordered), array("I", (min(by_hash[h], MAX_COUNT) for h in ordered)))
 
@@ -99,7 +110,3 @@ class TermIndex:
     def decode(cls, ids: array) -> TermIndex:
         half = len(ids) // 2
         return cls(ids[:half], ids[half:])
-
-
-def hashes(terms: Iterable[str]) -> list[int]:
-    return [term_hash(t) for t in terms]

@@ -112,11 +112,12 @@ def mentions(issue: str, paths: Sequence[str], symbols: Mapping[str, Sequence[st
             not_identifiers.update(parts[:n])
     named = {path: score / PATH_WEIGHT for path, score in scores.items()}
 
+    identifiers = set(_IDENT.findall(issue)) - not_identifiers
     defined_in: dict[str, list[str]] = defaultdict(list)
     for path, names in symbols.items():
-        for name in set(names):
+        for name in identifiers.intersection(names):
             defined_in[name].append(path)
-    for identifier in set(_IDENT.findall(issue)) - not_identifiers:
+    for identifier in identifiers:
         code = _looks_like_code(identifier)
         add(defined_in.get(identifier, ()), SYMBOL_WEIGHT * (2 if code else 1))
         if code:
