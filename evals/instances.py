@@ -128,14 +128,26 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return data if isinstance(data, list) else [data]
 
 
-def load_instances(path: Path, ids: list[str] | None = None) -> list[Instance]:
-    """The instances in `path` (in file order), only those in `ids` when given."""
+def _read(path: Path) -> list[dict[str, Any]]:
+    """`_records(path)`, with every way the file can be missing or malformed an EvalError."""
     if not path.exists():
         raise EvalError(f"{path}: no such file or directory")
     try:
-        instances = [parse_instance(r) for r in _records(path)]
+        records = _records(path)
     except json.JSONDecodeError as e:
         raise EvalError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise EvalError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise EvalError(f"cannot read {path}: {e.strerror or e}") from None
+    if not all(isinstance(r, dict) for r in records):
+        raise EvalError(f"{path}: every record must be a JSON object")
+    return records
+
+
+def load_instances(path: Path, ids: list[str] | None = None) -> list[Instance]:
+    """The instances in `path` (in file order), only those in `ids` when given."""
+    instances = [parse_instance(r) for r in _read(path)]
     twice = sorted(k for k, n in Counter(i.instance_id for i in instances).items() if n > 1)
     if twice:  # two files of one folder (a dev and a test split?) would grade an instance twice
         raise EvalError(f"{path}: instance ids listed more than once: {', '.join(twice[:10])}")
@@ -150,8 +162,10 @@ def load_instances(path: Path, ids: list[str] | None = None) -> list[Instance]:
 def load_predictions(path: Path) -> dict[str, dict[str, Any]]:
     """Predictions (`instance_id`, `model_name_or_path`, `model_patch`) from .jsonl, or .json
     holding a list or an object keyed by instance id, as the official harness accepts."""
-    records = _records(path)
+    records = _read(path)
     if len(records) == 1 and "instance_id" not in records[0]:  # {id: prediction}
+        if not all(isinstance(v, dict) for v in records[0].values()):
+            raise EvalError(f"{path}: an object of predictions must map instance ids to objects")
         records = [{"instance_id": k, **v} for k, v in records[0].items()]
     predictions = {}
     for record in records:

@@ -200,6 +200,9 @@ def test_no_traceback_and_no_torch_for_any_bad_argument(tmp_path: Path, checkpoi
         (["eval", "swebench", f"{t}/missing.jsonl"], {}, 2, error, None),
         (["eval", "tbench", f"{t}/missing"], {}, 2, error, None),
         (["eval", "swebench", "mini", "--agent", "banana"], {}, 2, error, "banana"),
+        (["eval", "swebench", "mini", "--predictions", f"{t}/missing.jsonl"], {}, 2, error, "no such file"),
+        (["eval", "swebench", "mini", "--predictions", f"{t}/bad.jsonl"], {}, 2, error, "not valid JSON"),
+        (["eval", "tbench", "mini", "--tasks", "nope"], {}, 2, error, "nope"),
     ]
     if not (shutil.which("docker") or shutil.which("podman")):
         light.append((["eval", "tbench", "mini", "--agent", "oracle", "--container"], {}, 2, error,
