@@ -14,8 +14,8 @@ files the task needs: agent/rank.py scores every file for the issue (contents, p
 the issue mentions, kind and size) and turns the scores into the probability p that a file is
 one to change; a full file is worth p, an outline OUTLINE_VALUE * p (the model can find the
 file and read it with a tool), and agent/rank_budget.py picks the modes of the DP_FILES most
-likely files with the largest total worth within the budget; the budget left is filled by
-worth per token (outlines and full text of the rest, in that order of density).
+likely files with the largest total worth within the budget; the budget left is filled one
+step up at a time (a dropped file outlined, or a file put in full), most worth per token first.
 
 Files that look like secrets (agent/pack_files.py: keys, tokens, .env files) are left out and
 listed, unless the caller passes include_secrets=True: the prompt may go to a remote endpoint.

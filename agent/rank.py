@@ -5,19 +5,26 @@ A file's score is a weighted sum of FEATURES (the weights are COEFFICIENTS):
 - lexical: BM25 (k1 1.2, b 0.75) of the file's contents for the issue's terms
   (agent/rank_terms.py: words split on snake_case and camelCase, hyphenated names kept whole;
   each query term weighs 1 + ln(its count in the issue), twice that when it looks like code:
-  snake_case, camelCase, dotted or in backticks), divided by the best file's;
-- lexical_code: the same for the code-like terms alone;
-- path: the issue's terms found in the file's path (directories and file name), each by its
-  idf among the paths, divided by the best file's;
-- mention: ln(1 + the mention score of agent/relevance.py): paths, dotted modules and
-  identifiers the issue names that the file is or defines, and their import neighbours;
+  snake_case, camelCase, dotted, hyphenated or in backticks), divided by the best file's;
+- path: the issue's terms in the file's path (directories and file name), each by its idf
+  among the paths, divided by the best file's;
+- defines: the issue's terms among the terms of the names the file defines (its outline's
+  symbols), each by its idf among the files, divided by the best file's;
+- mention: ln(1 + the mention score of agent/relevance.py): paths, dotted modules,
+  identifiers and directories the issue names;
+- named: the issue names the file's path or dotted module (its weight is set by hand: the
+  benchmark removes paths from its queries, so it cannot be fitted);
+- imported_by, imports, tests: the best lexical score among the non-test files that import
+  it, the files it imports, the tests that import it or are named after it (one hop over
+  the import graph of the outlines' imports);
 - test, non_code, init: the file is a test, is not source code (docs, config, data), is a
   package's `__init__.py`;
 - size: ln(the file's tokens / 1000): larger files hold more code, and so more of the bugs.
 
 The coefficients are fitted once (a conditional logit: the softmax of the scores over a
 repository's files is the probability that a file is one the fix changes) on the tune split
-of `v4agent bench localize` (docs/agent-pack-and-tools.md has the numbers) and fixed here:
+of `v4agent bench localize` (L2 penalty 0.1, by 5-fold cross-validation; the numbers are in
+docs/agent-pack-and-tools.md) and fixed here:
 nothing is learned at run time, and the same issue and files give the same scores. The
 softmax is what the budget step maximises the expected recall of.
 """
