@@ -170,9 +170,11 @@ def run(repos: Path | None = None, work_dir: Path | None = None, *, split: str |
     tally: dict[tuple[str, str, str], list[int]] = {}
     pack_seconds: list[float] = []
     largest: tuple[int, Case] | None = None
-    words: dict[str, Counter[str]] = {}
+    words: dict[str, Counter[str]] = {}  # the baseline's word counts by blob, for one repository
     for i, case in enumerate(cases):
         report(f"{i + 1}/{len(cases)} {case.repo} {case.sha[:10]}")
+        if i and case.repo != cases[i - 1].repo:
+            words.clear()
         work = snapshot(repo_git_dir(case.repo, repos), case.parent, work_dir / "work" / case.repo.replace("/", "+"))
         for name, budget in BUDGETS.items():
             start = time.perf_counter()
@@ -201,8 +203,6 @@ def run(repos: Path | None = None, work_dir: Path | None = None, *, split: str |
                     counts[0] += sum(g in full for g in case.gold)
                     counts[1] += sum(g in seen_at_all for g in case.gold)
                     counts[2] += len(case.gold)
-        if len(words) > 200_000:
-            words.clear()  # bounds memory across repositories
     assert largest is not None
     report(f"cold pack of {largest[1].repo} {largest[1].parent[:10]}")
     work = snapshot(repo_git_dir(largest[1].repo, repos), largest[1].parent,

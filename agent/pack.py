@@ -44,7 +44,6 @@ from agent.pack_files import (
     RepoFile,
     blob_id,
     content_skip_reason,
-    is_test_path,
     list_files,
     open_repo,
     secret_content_reason,
