@@ -22,7 +22,6 @@ import math
 import os
 import random
 import re
-import shutil
 import subprocess
 import tempfile
 import time
@@ -94,8 +93,9 @@ def snapshot(git_dir: Path, commit: str, work: Path) -> Path:
     """`work` as a work tree of `commit`'s files whose HEAD is a single commit without history.
     The work tree is reused from case to case: only the files that differ are written."""
     if not (work / ".git").is_dir():
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        if work.exists() and any(work.iterdir()):
+            raise ValueError(f"{work} exists and is no snapshot work tree; move it away or pick another --work-dir")
+        work.mkdir(parents=True, exist_ok=True)
         _git(work, "init", "-q")
     alternates = work / ".git" / "objects" / "info" / "alternates"
     alternates.write_text(str((git_dir / "objects").resolve()) + "\n")

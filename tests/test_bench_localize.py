@@ -85,6 +85,12 @@ def test_snapshot_is_the_parent_without_history(history, tmp_path: Path):
     assert (work / "widgets" / "parser.py").is_file()
     snapshot(repos / "acme+widgets.git", shas["init"], work)
     assert not (work / "widgets" / "parser.py").exists() and git(work, "status", "--porcelain") == ""
+    # A directory that is not one of its work trees is never cleared.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="no snapshot work tree"):
+        snapshot(repos / "acme+widgets.git", shas["init"], tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
 def test_baselines(tmp_path: Path):
