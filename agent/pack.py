@@ -130,6 +130,11 @@ class PackResult:
     _markers: tuple[int, int, int, int] = field(repr=False)
     _ranking: Ranking | None = field(default=None, repr=False)
 
+    @property
+    def ranked(self) -> bool:
+        """Whether files were ranked (not when the whole repository fits)."""
+        return self._ranking is not None
+
     def explain(self, path: str) -> str:
         """Why `path` scored what it did (agent/rank.py), or that nothing was ranked."""
         if self._ranking is None:

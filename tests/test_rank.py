@@ -225,3 +225,5 @@ def test_pack_explain_says_why_each_full_file_is_full(tmp_path: Path, monkeypatc
     data = json.loads(CliRunner().invoke(app, ["pack", str(root), "--budget", "300", "--issue", issue, "--explain",
                                                "--json"]).stdout)
     assert all(("why" in f) == (f["mode"] == "full") for f in data["files"])
+    whole = CliRunner().invoke(app, ["pack", str(root), "--issue", issue, "--explain"]).stdout
+    assert whole.endswith("why in full: the whole repository fits in the budget, nothing was ranked\n")

@@ -109,7 +109,9 @@ def pack_cmd(
                       "left out (--include-secrets packs them)"))
         for p, reason in result.secrets:
             typer.echo(f"  {visible(p)}  ({reason})")
-    if explain:
+    if explain and not result.ranked:
+        typer.echo("\nwhy in full: the whole repository fits in the budget, nothing was ranked")
+    elif explain:
         typer.echo("\nwhy in full (score = the sum of the parts; p = its probability of being needed):")
         for f in sorted(modes["full"], key=lambda f: (-f.relevance, f.path)):
             typer.echo(visible(f"  {f.path}: {result.explain(f.path)}"))
