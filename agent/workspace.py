@@ -12,8 +12,9 @@ git patch, in bytes (files need not be UTF-8). Both the snapshot and the patch s
 `stage`, which leaves out what git cannot hold — nested repositories, names git refuses
 (`.GIT/x`) — and names each instead of failing. `apply_patch` applies a patch
 to the user's checkout — all of it or, on any conflict, nothing — and `commit_branch` commits it
-on top of HEAD on a new branch, through a temporary index again, so neither touches anything
-else. Both refuse symlinks that point out of the repository unless told otherwise.
+on top of HEAD on a new branch (`commit_patch`: on top of any commit, with no branch), through a
+temporary index again, so neither touches anything else. Both refuse symlinks that point out of
+the repository unless told otherwise.
 """
 
 from __future__ import annotations
@@ -245,24 +246,30 @@ def check_new_branch(repo: Path, branch: str) -> None:
         raise WorkspaceError(f"branch {branch!r} already exists in {top}")
 
 
-def commit_branch(repo: Path, patch: bytes, branch: str, message: str, *, allow_outside_symlinks: bool = False
-                  ) -> str:
-    """Commit `patch` on top of HEAD as the new branch `branch`; returns the commit. The user's
-    work tree, index and current branch stay as they are. Symlinks out of the repository are
-    refused as by `apply_patch`."""
+def commit_patch(repo: Path, patch: bytes, message: str, *, parent: str = "HEAD",
+                 allow_outside_symlinks: bool = False) -> str:
+    """Commit `patch` on top of `parent` (a commit of `repo`); returns the new commit, which no
+    branch points to yet. The user's work tree, index and branches stay as they are. Symlinks out
+    of the repository are refused as by `apply_patch`."""
     top = toplevel(repo)
     if not allow_outside_symlinks:
         _refuse_outside_symlinks(top, patch)
-    head = git(top, "rev-parse", "--verify", "HEAD^{commit}").strip()
+    head = git(top, "rev-parse", "--verify", f"{parent}^{{commit}}").strip()
     with tempfile.TemporaryDirectory(prefix="v4agent-index-") as tmp:
         index = Path(tmp) / "index"
         git(top, "read-tree", head, index=index)
         try:
             _git(top, "apply", "--cached", "--whitespace=nowarn", "-", stdin=patch, index=index)
         except WorkspaceError as e:
-            raise WorkspaceError(f"the patch does not apply to HEAD (it may build on uncommitted changes; "
+            raise WorkspaceError(f"the patch does not apply to {parent} (it may build on uncommitted changes; "
                                  f"use --apply instead).\n{e}") from None
         tree = git(top, "write-tree", index=index).strip()
-    commit = git(top, "commit-tree", tree, "-p", head, "-m", message).strip()
-    git(top, "branch", "--no-track", branch, commit)
+    return git(top, "commit-tree", tree, "-p", head, "-m", message).strip()
+
+
+def commit_branch(repo: Path, patch: bytes, branch: str, message: str, *, allow_outside_symlinks: bool = False
+                  ) -> str:
+    """Commit `patch` on top of HEAD as the new branch `branch`; returns the commit (see `commit_patch`)."""
+    commit = commit_patch(repo, patch, message, allow_outside_symlinks=allow_outside_symlinks)
+    git(toplevel(repo), "branch", "--no-track", branch, commit)
     return commit
