@@ -12,7 +12,7 @@ try:
     import typer
     from typer.core import TyperOption
 
-    from agent.cli import bench, cache, config, fix, model, pack, prompt, runs
+    from agent.cli import bench, cache, ci, config, fix, model, pack, prompt, runs
     from agent.cli import eval as eval_cmd
 except KeyboardInterrupt:
     raise SystemExit(130) from None
@@ -66,6 +66,7 @@ app.add_typer(runs.app, name="runs")
 app.add_typer(cache.app, name="cache")
 app.add_typer(eval_cmd.app, name="eval")
 app.add_typer(bench.app, name="bench")
+app.add_typer(ci.app, name="ci")
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from rich.text import Text
 
     from agent.backends import Backend
+    from agent.ci.github import Connection
+    from agent.ci.progress import Tally
     from agent.loop import AgentConfig, RunResult
     from agent.settings import Settings
     from agent.trajectory import Trajectory
@@ -85,6 +87,9 @@ def fix_cmd(
     allow_outside_symlinks: bool = typer.Option(
         False, "--allow-outside-symlinks",
         help="Let --apply and --branch bring in symlinks that point outside the repository (refused otherwise)."),
+    pr: bool = typer.Option(
+        False, "--pr", help="Commit the patch on a new branch v4agent/..., push it to origin's GitHub repository and "
+                            "open a pull request (token: GITHUB_TOKEN or GH_TOKEN; docs/ci.md)."),
     patch_out: Path | None = typer.Option(None, "--patch-out", help="Also write the patch to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the patch."),
     weights: str | None = typer.Option(None, "--weights", metavar="<dir>",
@@ -115,6 +120,8 @@ def fix_cmd(
     # sandbox, the tokenizer or the model, so a mistake costs no wait.
     if sum((apply, branch is not None, patch_out is not None)) > 1:
         raise fail("--apply, --branch and --patch-out exclude each other")
+    if pr and (apply or branch is not None):
+        raise fail("--pr commits on a branch of its own: it excludes --apply and --branch")
     if (text is None) == (issue_file is None):
         raise fail("give the issue as TEXT or with --issue-file, not both" if text else
                    "no issue: give it as TEXT or with --issue-file FILE")
@@ -135,24 +142,16 @@ def fix_cmd(
     try:
         settings = load_settings(cli, config=config_file)
         top = toplevel(repo)
+        target = _pull_target(top, text, settings) if pr else None
+        if target is not None:
+            branch = target.branch
         if branch is not None:
             check_new_branch(top, branch)
     except (SettingsError, WorkspaceError) as e:
         raise fail(str(e)) from None
     if patch_out is not None:
         _check_writable(patch_out)
-    if any(cli[name] for name in BACKEND_OPTIONS):  # a backend on the command line replaces configured ones
-        settings = replace(settings, **{name: cli[name] for name in BACKEND_OPTIONS})
-
-    chosen = [name for name in BACKEND_OPTIONS if getattr(settings, name)]
-    if not chosen:
-        raise fail(NO_BACKEND)
-    if len(chosen) > 1:
-        raise fail(f"one backend at a time: {' and '.join('--' + name for name in chosen)} were both given")
-    if settings.endpoint and not settings.model:
-        raise fail("--endpoint needs --model NAME, the model the server serves")
-    if settings.weights and not Path(settings.weights).is_dir():
-        raise fail(f"--weights {settings.weights}: no such directory")
+    settings = choose_backend(settings, cli)
     remote = _remote_backend(settings)  # a script is read, an endpoint checked, before anything heavy
     device = _device(settings.device) if settings.weights else None  # imports torch: only for weights
 
@@ -161,7 +160,7 @@ def fix_cmd(
     started = time.perf_counter()
     tokenizer, backend = _load(settings, remote, device)
     run = _run(backend, tokenizer, top, text, _config(settings), _tool_settings(settings), console,
-               include_secrets=include_secrets)
+               include_secrets=include_secrets, observer=target.tally if target else None)
 
     patch = run.saved.patch
     totals = {k: v for k, v in run.result.to_dict().items() if k != "seconds"}  # the loop's; ours covers it all
@@ -181,6 +180,10 @@ def fix_cmd(
         out["patch_file"] = str(patch_out)
     if patch and (apply or branch):
         out.update(_deliver(top, patch, run.result.summary, text, apply, branch, allow_outside_symlinks))
+    if target is not None:
+        out["pull_request"] = None
+        if out["commit"]:
+            out.update(_open_pull(top, target, out["commit"], text, run.result.summary))
     run.trajectory.write({"type": "patch", "bytes": len(patch),
                           **{k: out[k] for k in ("patch_file", "applied", "branch", "commit", "refused", "patch_error",
                                                  "left_out", "work_kept")}})
@@ -279,8 +282,9 @@ class _Run:
 
 def _run(backend: Backend, tokenizer: Tokenizer, top: Path, issue: str, config: AgentConfig,
          tool_settings: ToolSettings, console: Console, recorded: tuple[str, str] | None = None,
-         include_secrets: bool = False) -> _Run:
-    """Workspace, pack, loop, patch; the patch is saved whatever ends the run (SIGTERM as Ctrl-C)."""
+         include_secrets: bool = False, observer: Callable[[object], None] | None = None) -> _Run:
+    """Workspace, pack, loop, patch; the patch is saved whatever ends the run (SIGTERM as Ctrl-C).
+    `observer` gets the live events too (a CI job's progress comment)."""
     from rich.text import Text
 
     from agent.loop import Agent
@@ -304,8 +308,9 @@ def _run(backend: Backend, tokenizer: Tokenizer, top: Path, issue: str, config: 
     view = LiveView(console)
     with _terminate_as_interrupt():
         try:
+            listener = view if observer is None else (lambda event: (view(event), observer(event)))
             agent = Agent(backend, tokenizer, workspace.root, config=config, tool_settings=tool_settings,
-                          trajectory=trajectory, listener=view)
+                          trajectory=trajectory, listener=listener)
             trajectory.write({"type": "run", "version": 1, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                               "repo": str(workspace.repo), "head": workspace.head, "base": workspace.base,
                               "workdir": str(workspace.root), "left_out": _left_out(workspace.left_out),
@@ -408,12 +413,60 @@ def _deliver(top: Path, patch: bytes, summary: str | None, issue: str, apply: bo
             apply_patch(top, patch, allow_outside_symlinks=allow_outside_symlinks)
             return {"applied": True}
         assert branch is not None
-        title = issue.strip().splitlines()[0][:72]
-        message = f"v4agent: {title}\n\n{summary}\n" if summary else f"v4agent: {title}\n"
-        return {"branch": branch, "commit": commit_branch(top, patch, branch, message,
+        return {"branch": branch, "commit": commit_branch(top, patch, branch, commit_message(issue, summary),
                                                           allow_outside_symlinks=allow_outside_symlinks)}
     except WorkspaceError as e:
         return {"refused": str(e)}
+
+
+@dataclass(frozen=True)
+class _PullTarget:
+    """Where `fix --pr` sends its branch: GitHub, the repository, the new branch, its base; and the
+    tally of the run (the commands it ran go into the pull request's description)."""
+
+    connection: Connection
+    repository: str
+    branch: str
+    base: str
+    tally: Tally
+
+
+def _pull_target(top: Path, issue: str, settings: Settings) -> _PullTarget:
+    """Checked before the run: a token, origin's repository, a branch to go into, the sandbox on
+    (unconfined commands could read the token from v4agent's environment)."""
+    from agent.ci.github import Connection, GitHubError
+    from agent.ci.progress import Tally
+    from agent.ci.pull import TargetError, origin_repository, pull_base, text_branch
+
+    if settings.sandbox == "off":
+        raise fail("--pr needs the sandbox: with it off, the model's commands could read the GitHub token")
+    try:
+        return _PullTarget(Connection.from_env(), origin_repository(top), text_branch(issue), pull_base(top), Tally())
+    except (GitHubError, TargetError) as e:
+        raise fail(str(e)) from None
+
+
+def _open_pull(top: Path, target: _PullTarget, commit: str, issue: str, summary: str | None) -> dict[str, Any]:
+    """Push the committed branch and open its pull request; its page, or why not."""
+    from agent.ci.github import GitHubError
+    from agent.ci.pull import first_line, publish
+    from agent.ci.remote import RemoteError
+
+    connection = target.connection
+    try:
+        pull, _ = publish(connection.remote(top, target.repository), connection.repository(target.repository), commit,
+                          f"{commit}^", target.branch, target.base, title=f"v4agent: {first_line(issue, 100)}",
+                          summary=summary, commands=target.tally.commands)
+    except (GitHubError, RemoteError) as e:
+        return {"refused": f"{target.branch} is committed here, but no pull request was opened: {e}"}
+    return {"pull_request": pull.url}
+
+
+def commit_message(issue: str, summary: str | None) -> str:
+    """`v4agent: <the issue's first line>`, then the model's summary; control characters shown as
+    escapes (both are untrusted, and `git log` prints them to a terminal)."""
+    title = visible(issue.strip().splitlines()[0][:72])
+    return f"v4agent: {title}\n\n{visible(summary)}\n" if summary else f"v4agent: {title}\n"
 
 
 def _report(console: Console, out: dict[str, Any], why: str | None) -> None:
@@ -430,6 +483,8 @@ def _report(console: Console, out: dict[str, Any], why: str | None) -> None:
         lines.append("patch applied to the work tree")
     if out["commit"]:
         lines.append(f"committed {out['commit'][:12]} on new branch {out['branch']}")
+    if out.get("pull_request"):
+        lines.append(f"pushed {out['branch']}: {out['pull_request']}")
     for line in lines:
         console.print(Text(visible(line)), soft_wrap=True)
     if out["refused"]:
@@ -511,6 +566,23 @@ def _check_writable(path: Path) -> None:
         raise fail(f"--patch-out {path}: the directory {parent} does not exist")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise fail(f"--patch-out {path}: not writable")
+
+
+def choose_backend(settings: Settings, cli: dict[str, Any]) -> Settings:
+    """`settings` with the backend the command line names, if it names one (it replaces the
+    configured ones); usage errors unless there is exactly one, with what it needs."""
+    if any(cli[name] for name in BACKEND_OPTIONS):
+        settings = replace(settings, **{name: cli[name] for name in BACKEND_OPTIONS})
+    chosen = [name for name in BACKEND_OPTIONS if getattr(settings, name)]
+    if not chosen:
+        raise fail(NO_BACKEND)
+    if len(chosen) > 1:
+        raise fail(f"one backend at a time: {' and '.join('--' + name for name in chosen)} were both given")
+    if settings.endpoint and not settings.model:
+        raise fail("--endpoint needs --model NAME, the model the server serves")
+    if settings.weights and not Path(settings.weights).is_dir():
+        raise fail(f"--weights {settings.weights}: no such directory")
+    return settings
 
 
 def _remote_backend(settings: Settings) -> Backend | None:
