@@ -105,8 +105,8 @@ def ci(github: FakeGitHub, checkout: Path, event: str, payload: dict[str, Any], 
     env = {**os.environ, **github.env(), "GITHUB_EVENT_NAME": event, "GITHUB_EVENT_PATH": str(event_file),
            "GITHUB_WORKSPACE": str(checkout), "GITHUB_OUTPUT": str(checkout.parent / "output.txt")}
     script = script or write_script(checkout.parent / "no-turns.json", [])
-    return subprocess.run([*CLI, "ci", "github", "--script", str(script), *args], cwd=checkout, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([*CLI, "ci", "github", "--script", str(script), *args], cwd=checkout, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 def log(bare: Path, branch: str) -> list[str]:
@@ -147,8 +147,8 @@ def test_a_label_opens_a_pull_request_and_a_review_adds_a_commit_to_it(github: F
 
     # a review comment on that pull request: a second commit on the same branch, the same pull request
     second = write_script(tmp_path / "second.json", [
-        {"tool_calls": [{"name": "edit_file", "arguments": {"path": "calc.py", "old_text": "def add(a, b):\n",
-                                                            "new_text": "def add(a, b):\n    \"\"\"The sum.\"\"\"\n"}}]},
+        {"tool_calls": [{"name": "edit_file", "arguments": {
+            "path": "calc.py", "old_text": "def add(a, b):\n", "new_text": 'def add(a, b):\n    """The sum."""\n'}}]},
         {"tool_calls": [{"name": "run", "arguments": {"command": PYTEST}}]},
         {"content": "Done.", "tool_calls": [{"name": "submit", "arguments": {"summary": "a docstring"}}]}])
     done = ci(github, checkout, "pull_request_review_comment", reviewed("@v4agent add a docstring"), second)
@@ -156,11 +156,13 @@ def test_a_label_opens_a_pull_request_and_a_review_adds_a_commit_to_it(github: F
     assert github.faults == []
     newest, parent = log(github.bare, "v4agent/issue-7")[0].split()
     assert parent == commit and '"""The sum."""' in git(github.bare, "show", f"{newest}:calc.py")
+    subjects = git(github.bare, "log", "--format=%s", "main..v4agent/issue-7").splitlines()
+    assert subjects == ["v4agent: add a docstring", "v4agent: add(2, 3) returns -1"]
     assert list(github.pulls) == [number]
     reply = github.comments[2]
     assert reply["issue"] == number and f"pushed to #{number}" in reply["body"]
     asked = [(method, path) for method, path, _ in github.requests]
-    assert ("GET", f"/api/v3/repos/{REPO}/pulls/{number}") in asked and ("GET", f"/api/v3/repos/{REPO}/issues/7") in asked
+    assert {("GET", f"/api/v3/repos/{REPO}/pulls/{number}"), ("GET", f"/api/v3/repos/{REPO}/issues/7")} <= set(asked)
 
     _assert_no_token(tmp_path, github, *printed, done.stdout, done.stderr)
 
@@ -236,8 +238,9 @@ def test_settings_and_environment_mistakes_are_one_error_line(github: FakeGitHub
     no_token = {**github.env(), "GITHUB_TOKEN": ""}
     event = tmp_path / "e.json"
     event.write_text(json.dumps(labeled()))
-    done = subprocess.run([*CLI, "ci", "github", "--script", str(script)], cwd=checkout, capture_output=True, text=True,
-                          env={**os.environ, **no_token, "GITHUB_EVENT_NAME": "issues", "GITHUB_EVENT_PATH": str(event)})
+    env = {**os.environ, **no_token, "GITHUB_EVENT_NAME": "issues", "GITHUB_EVENT_PATH": str(event)}
+    done = subprocess.run([*CLI, "ci", "github", "--script", str(script)], cwd=checkout, capture_output=True,
+                          text=True, env=env)
     assert done.returncode == 2 and done.stderr.startswith("error: no GitHub token")
     done = ci(github, checkout, "issues", labeled(), script, "--allow", " , ")
     assert done.returncode == 2 and "--allow must not be empty" in done.stderr
@@ -306,6 +309,30 @@ def test_the_phrase_is_a_word_of_its_own_and_is_taken_out_of_the_request():
     assert read_event("issue_comment", commented("@v4agent go", association="OWNER"), owners, REPO).actor == "alice"
     with pytest.raises(EventError, match="lacks or mangles"):
         read_event("issue_comment", {"action": "created", "issue": {}}, gate, REPO)
+
+
+def test_new_issues_and_reviews_ask_too_from_allowed_authors_only():
+    from githubkit_schemas.latest.models import WebhookIssuesOpened, WebhookPullRequestReviewSubmitted
+
+    def opened(association: str) -> dict[str, Any]:
+        return documented(WebhookIssuesOpened, {
+            "action": "opened", "issue": {"number": 9, "title": "crash on empty input", "body": "@v4agent please",
+                                          "user": user("bob"), "author_association": association},
+            "repository": {"full_name": REPO}, "sender": user("bob")})
+
+    request = read_event("issues", opened("COLLABORATOR"), Gate(), REPO)
+    assert (request.number, request.pull, request.actor, request.ask) == (9, False, "bob", "")
+    with pytest.raises(Ignored, match="bob is FIRST_TIME_CONTRIBUTOR"):
+        read_event("issues", opened("FIRST_TIME_CONTRIBUTOR"), Gate(), REPO)
+    repo = {"full_name": REPO, "name": "calc"}
+    review = documented(WebhookPullRequestReviewSubmitted, {
+        "action": "submitted", "review": {"body": "@v4agent handle None too", "author_association": "MEMBER",
+                                          "user": user("carol")},
+        "pull_request": {"number": 100, "title": "v4agent: fix", "head": {"ref": "v4agent/issue-7", "repo": repo},
+                         "base": {"ref": "main", "repo": repo}},
+        "repository": {"full_name": REPO}, "sender": user("carol")})
+    request = read_event("pull_request_review", review, Gate(), REPO)
+    assert (request.number, request.pull, request.ask, request.where) == (100, True, "handle None too", "")
 
 
 def outside_fences(markdown: str) -> list[str]:

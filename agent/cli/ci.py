@@ -90,8 +90,7 @@ def github_cmd(
         request = read_event(name, payload if isinstance(payload, dict) else {}, Gate(label, phrase, associations),
                              full_name)
     except Ignored as e:
-        typer.echo(visible(f"v4agent: ignored {name}: {e}"), err=True)
-        raise typer.Exit(0) from None
+        raise _ignored(name, e) from None
     except EventError as e:
         raise fail(str(e)) from None
 
@@ -118,8 +117,7 @@ def github_cmd(
     try:
         job.prepare()
     except Ignored as e:
-        typer.echo(visible(f"v4agent: ignored {name}: {e}"), err=True)
-        raise typer.Exit(0) from None
+        raise _ignored(name, e) from None
     tokenizer, backend = fix._load(settings, remote_backend, device)
     raise typer.Exit(job.run(backend, tokenizer, settings, console))
 
@@ -195,7 +193,9 @@ class _Job:
                               + (f" ({result.error})" if result.error else "") + (f": {why}" if why else "")
                               + f"\n{run.saved.error or 'the agent changed nothing'}")
             return 1
-        commit = commit_patch(self.top, run.saved.patch, fix.commit_message(text, result.summary), parent=start)
+        subject = self.request.ask if self.request.pull else self.request.title  # a review asks for one more step
+        commit = commit_patch(self.top, run.saved.patch, fix.commit_message(subject or text, result.summary),
+                              parent=start)
         title = f"v4agent: {first_line(self.request.title, 100)}"
         pull, new = publish(self.remote, self.repository, commit, start, branch, self.base, title=title,
                             summary=result.summary, commands=progress.tally.commands, issue=issue, link=self.link,
@@ -225,6 +225,12 @@ class _Job:
         where = f"\n\nIt is a review comment {r.where}" if r.where else ""
         return issue, (f"{original}Your pull request #{r.number} for it is checked out: {r.title}\n\n{r.body}\n\n"
                        f"{r.actor} asks for more:\n{r.ask}{where}")
+
+
+def _ignored(event: str, why: Exception) -> typer.Exit:
+    """One log line saying why the event was ignored; the exit (0: nothing went wrong)."""
+    typer.echo(visible(f"v4agent: ignored {event}: {why}"), err=True)
+    return typer.Exit(0)
 
 
 def _output(name: str, value: str) -> None:
