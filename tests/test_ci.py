@@ -27,6 +27,7 @@ import yaml
 from agent.ci.events import EventError, Gate, Ignored, read_event
 from agent.ci.pull import fenced, first_line, pull_body, text_branch
 from agent.ci.remote import Remote, RemoteError
+from agent.cli.fix import commit_message
 from tests.fixtures_agent import FIXED, PYTEST, fix_turns, git, isolate, make_repo, write_script
 from tests.fixtures_ci import FakeGitHub, documented, user
 
@@ -363,6 +364,8 @@ def test_text_from_issues_and_the_model_cannot_act_in_a_branch_name_or_a_pull_re
     assert "Fixes #3." in outside  # the check sees what is outside
     assert not [line for line in outside if "@everyone" in line or "Fixes #1" in line or "<img" in line]
     assert fenced("a\n```` b\n``") == "`````text\na\n```` b\n``\n`````"
+    message = commit_message(hostile, "done\x1b[2J")
+    assert message.startswith("v4agent: \\x1b]0;owned\\x07Fix") and "\x1b" not in message and "\x07" not in message
 
 
 def test_the_remote_pushes_only_v4agents_branches(github: FakeGitHub, checkout: Path):
