@@ -54,9 +54,9 @@ def github_cmd(
                                                          "repository's default branch]"),
     draft: bool = typer.Option(False, "--draft", help="Open pull requests as drafts."),
     think: str | None = typer.Option(None, "--think", metavar="<none|high|max>",
-                                     help=f"Thinking mode. {fix._default('think')}"),
+                                     help=f"Thinking mode. {fix.setting_default('think')}"),
     max_turns: int | None = typer.Option(None, "--max-turns", metavar="<int>",
-                                         help=f"Stop after this many model turns. {fix._default('max_turns')}"),
+                                         help=f"Stop after this many model turns. {fix.setting_default('max_turns')}"),
     weights: str | None = typer.Option(None, "--weights", metavar="<dir>",
                                        help="A DeepSeek-V4 checkpoint directory, run in-process (a GPU runner)."),
     device: str | None = typer.Option(None, "--device", metavar="<cpu|cuda|cuda:N>",
@@ -105,10 +105,10 @@ def github_cmd(
     if settings.sandbox == "off":
         raise fail("ci needs the sandbox: with it off, the model's commands could read the GitHub token")
     settings = fix.choose_backend(settings, cli)
-    remote_backend = fix._remote_backend(settings)
-    device = fix._device(settings.device) if settings.weights else None
-    console = fix._console()
-    fix._check_sandbox(settings, console)
+    remote_backend = fix.remote_backend(settings)
+    device = fix.checked_device(settings.device) if settings.weights else None
+    console = fix.make_console()
+    fix.check_sandbox(settings, console)
 
     base = base or (payload.get("repository") or {}).get("default_branch")
     if not base:
@@ -118,7 +118,7 @@ def github_cmd(
         job.prepare()
     except Ignored as e:
         raise _ignored(name, e) from None
-    tokenizer, backend = fix._load(settings, remote_backend, device)
+    tokenizer, backend = fix.load_model(settings, remote_backend, device)
     raise typer.Exit(job.run(backend, tokenizer, settings, console))
 
 
@@ -183,12 +183,12 @@ class _Job:
             raise RemoteError(f"the base branch {self.base!r} is not in {self.full_name}")
         start = self.remote.fetch(branch if branch in heads else self.base)
         tree = git(self.top, "rev-parse", f"{start}^{{tree}}").strip()
-        run = fix._run(backend, tokenizer, self.top, text, fix._config(settings), fix._tool_settings(settings),
+        run = fix.run_agent(backend, tokenizer, self.top, text, fix.agent_config(settings), fix.tool_settings_of(settings),
                        console, recorded=(start, tree), observer=progress)
         _output("run-dir", str(run.dir))
         result = run.result
         if not run.saved.patch:
-            why = fix._why(result.stop, run.config, endpoint=bool(settings.endpoint))
+            why = fix.stop_explanation(result.stop, run.config, endpoint=bool(settings.endpoint))
             progress.no_patch(f"stopped: {result.stop} after {result.turns} turns"
                               + (f" ({result.error})" if result.error else "") + (f": {why}" if why else "")
                               + f"\n{run.saved.error or 'the agent changed nothing'}")

@@ -55,7 +55,7 @@ RESULT_LINES = 8  # lines of a tool result shown live
 RESULT_LINE_CHARS = 120
 
 
-def _default(name: str) -> str:
+def setting_default(name: str) -> str:
     """A setting's built-in default for --help, with the config key that changes it."""
     from agent.settings import Settings
 
@@ -68,20 +68,20 @@ def fix_cmd(
     repo: Path = typer.Option(Path("."), "--repo", help="Any directory of the repository's git work tree."),
     issue_file: Path | None = typer.Option(None, "--issue-file", help="Read the issue from this file."),
     think: str | None = typer.Option(None, "--think", metavar="<none|high|max>",
-                                     help=f"Thinking mode. {_default('think')}"),
+                                     help=f"Thinking mode. {setting_default('think')}"),
     max_turns: int | None = typer.Option(None, "--max-turns", metavar="<int>",
-                                         help=f"Stop after this many model turns. {_default('max_turns')}"),
+                                         help=f"Stop after this many model turns. {setting_default('max_turns')}"),
     max_turn_tokens: int | None = typer.Option(
         None, "--max-turn-tokens", metavar="<int>",
-        help=f"The most one completion may take (lowered to fit the model's context). {_default('max_turn_tokens')}"),
+        help=f"The most one completion may take (lowered to fit the model's context). {setting_default('max_turn_tokens')}"),
     max_total_tokens: int | None = typer.Option(
         None, "--max-total-tokens", metavar="<int>",
-        help=f"Stop once all completions together took this many tokens (0: no limit). {_default('max_total_tokens')}"),
+        help=f"Stop once all completions together took this many tokens (0: no limit). {setting_default('max_total_tokens')}"),
     context_limit: int | None = typer.Option(
         None, "--context-limit", metavar="<int>",
-        help=f"The endpoint's context in tokens (in-process: the model's own). {_default('context_limit')}"),
+        help=f"The endpoint's context in tokens (in-process: the model's own). {setting_default('context_limit')}"),
     temperature: float | None = typer.Option(None, "--temperature", metavar="<float>",
-                                             help=f"Sampling temperature. {_default('temperature')}"),
+                                             help=f"Sampling temperature. {setting_default('temperature')}"),
     apply: bool = typer.Option(False, "--apply", help="Apply the patch to the repository's work tree."),
     branch: str | None = typer.Option(None, "--branch", help="Commit the patch on top of HEAD as this new branch."),
     allow_outside_symlinks: bool = typer.Option(
@@ -103,7 +103,7 @@ def fix_cmd(
     script: str | None = typer.Option(None, "--script", metavar="<file>",
                                       help="A JSON/JSONL file of scripted model turns."),
     sandbox: str | None = typer.Option(None, "--sandbox", metavar="<on|off>",
-                                       help=f"{SANDBOX_HELP} {_default('sandbox')}"),
+                                       help=f"{SANDBOX_HELP} {setting_default('sandbox')}"),
     include_secrets: bool = typer.Option(
         False, "--include-secrets",
         help="Also pack files that look like secrets (keys, tokens, .env; left out and listed otherwise)."),
@@ -152,14 +152,14 @@ def fix_cmd(
     if patch_out is not None:
         _check_writable(patch_out)
     settings = choose_backend(settings, cli)
-    remote = _remote_backend(settings)  # a script is read, an endpoint checked, before anything heavy
-    device = _device(settings.device) if settings.weights else None  # imports torch: only for weights
+    remote = remote_backend(settings)  # a script is read, an endpoint checked, before anything heavy
+    device = checked_device(settings.device) if settings.weights else None  # imports torch: only for weights
 
-    console = _console()
-    _check_sandbox(settings, console)
+    console = make_console()
+    check_sandbox(settings, console)
     started = time.perf_counter()
-    tokenizer, backend = _load(settings, remote, device)
-    run = _run(backend, tokenizer, top, text, _config(settings), _tool_settings(settings), console,
+    tokenizer, backend = load_model(settings, remote, device)
+    run = run_agent(backend, tokenizer, top, text, agent_config(settings), tool_settings_of(settings), console,
                include_secrets=include_secrets, observer=target.tally if target else None)
 
     patch = run.saved.patch
@@ -193,7 +193,7 @@ def fix_cmd(
     else:
         if patch:
             _print_patch(patch)
-        _report(console, out, _why(run.result.stop, run.config, endpoint=bool(settings.endpoint)))
+        _report(console, out, stop_explanation(run.result.stop, run.config, endpoint=bool(settings.endpoint)))
     raise typer.Exit(0 if patch and not out["refused"] else 1)
 
 
@@ -202,7 +202,7 @@ def replay_cmd(
     repo: Path | None = typer.Option(None, "--repo", help="The repository. \\[default: the one recorded]"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     sandbox: str | None = typer.Option(None, "--sandbox", metavar="<on|off>",
-                                       help=f"{SANDBOX_HELP} {_default('sandbox')}"),
+                                       help=f"{SANDBOX_HELP} {setting_default('sandbox')}"),
     config_file: Path | None = typer.Option(None, "--config", help=CONFIG_HELP),
 ) -> None:
     """Replay a saved run: its model turns again, on a fresh copy; do the tools answer the same?"""
@@ -228,12 +228,12 @@ def replay_cmd(
         raise fail(str(e)) from None
     except (KeyError, TypeError, ValueError) as e:
         raise fail(f"{trajectory}: the run record lacks or mangles {e}") from None
-    config = replace(_config(settings), think=recorded.think, effort_profile=recorded.effort_profile)
-    console = _console()
-    _check_sandbox(settings, console)
+    config = replace(agent_config(settings), think=recorded.think, effort_profile=recorded.effort_profile)
+    console = make_console()
+    check_sandbox(settings, console)
     from runtime.tokenizer import load_tokenizer
 
-    run = _run(backend, load_tokenizer(), top, issue, config, _tool_settings(settings), console, recorded=base)
+    run = run_agent(backend, load_tokenizer(), top, issue, config, tool_settings_of(settings), console, recorded=base)
 
     replayed = [r for r in read_trajectory(run.dir / "trajectory.jsonl") if r["type"] == "turn"]
     roots = (header.get("workdir", ""), str(run.workdir))
@@ -280,7 +280,7 @@ class _Run:
     config: AgentConfig  # as run: max_turn_tokens may be lowered to fit the context
 
 
-def _run(backend: Backend, tokenizer: Tokenizer, top: Path, issue: str, config: AgentConfig,
+def run_agent(backend: Backend, tokenizer: Tokenizer, top: Path, issue: str, config: AgentConfig,
          tool_settings: ToolSettings, console: Console, recorded: tuple[str, str] | None = None,
          include_secrets: bool = False, observer: Callable[[object], None] | None = None) -> _Run:
     """Workspace, pack, loop, patch; the patch is saved whatever ends the run (SIGTERM as Ctrl-C).
@@ -523,14 +523,14 @@ def _mask(text: str, roots: tuple[str, str]) -> str:
 
 # ---- settings to parts ----------------------------------------------------------------------
 
-def _config(settings: Settings) -> AgentConfig:
+def agent_config(settings: Settings) -> AgentConfig:
     from agent.loop import AgentConfig
 
     return AgentConfig(think=settings.think, effort_profile=settings.effort_profile, max_turns=settings.max_turns,
                        max_turn_tokens=settings.max_turn_tokens, max_total_tokens=settings.max_total_tokens)
 
 
-def _tool_settings(settings: Settings) -> ToolSettings:
+def tool_settings_of(settings: Settings) -> ToolSettings:
     from tools.base import Settings as ToolSettings
 
     return ToolSettings(run_timeout_s=settings.run_timeout_s, sandbox=settings.sandbox,
@@ -540,7 +540,7 @@ def _tool_settings(settings: Settings) -> ToolSettings:
                         max_file_mb=settings.max_file_mb, tmp_mb=settings.tmp_mb)
 
 
-def _check_sandbox(settings: Settings, console: Console) -> None:
+def check_sandbox(settings: Settings, console: Console) -> None:
     """Before any work: refuse to start without a working sandbox, unless the user turned it off,
     and then say so loudly."""
     from tools import sandbox
@@ -585,9 +585,9 @@ def choose_backend(settings: Settings, cli: dict[str, Any]) -> Settings:
     return settings
 
 
-def _remote_backend(settings: Settings) -> Backend | None:
+def remote_backend(settings: Settings) -> Backend | None:
     """The endpoint's or the script's backend (they need no tokenizer and import nothing heavy);
-    None for in-process weights, which `_load` loads."""
+    None for in-process weights, which `load_model` loads."""
     from agent.backends import BackendError
     from agent.backends.scripted import ScriptedBackend, ScriptError, load_script
 
@@ -607,7 +607,7 @@ def _remote_backend(settings: Settings) -> Backend | None:
     return None
 
 
-def _load(settings: Settings, remote: Backend | None, device: str | None) -> tuple[Tokenizer, Backend]:
+def load_model(settings: Settings, remote: Backend | None, device: str | None) -> tuple[Tokenizer, Backend]:
     """The tokenizer (the checkpoint's own with --weights) and the backend: `remote`, or the
     in-process model loaded onto `device`."""
     from runtime.tokenizer import TokenizerError, load_tokenizer
@@ -632,7 +632,7 @@ def _load(settings: Settings, remote: Backend | None, device: str | None) -> tup
         raise fail(f"cannot read {e.filename or settings.weights}: {e.strerror or e}") from None
 
 
-def _device(wanted: str | None) -> str:
+def checked_device(wanted: str | None) -> str:
     """The device to run on: `wanted` once torch can use it (settings checked the spelling:
     cpu, cuda, cuda:N), else cuda when there is one, else cpu."""
     import torch
@@ -661,7 +661,7 @@ def _fit(config: AgentConfig, context_limit: int, console: Console) -> AgentConf
     return replace(config, max_turn_tokens=room)
 
 
-def _why(stop: str, config: AgentConfig, endpoint: bool) -> str | None:
+def stop_explanation(stop: str, config: AgentConfig, endpoint: bool) -> str | None:
     """Which limit ended the run, and how to change it (None when no limit did)."""
     if stop == "max_turns":
         return f"the turn limit ({config.max_turns}): raise it with --max-turns N (config: max_turns)"
@@ -679,7 +679,7 @@ def _why(stop: str, config: AgentConfig, endpoint: bool) -> str | None:
 
 # ---- the live view ----------------------------------------------------------------------------
 
-def _console() -> Console:
+def make_console() -> Console:
     from rich.console import Console
 
     return Console(stderr=True)
