@@ -128,18 +128,18 @@ class PackResult:
     _path_ids: dict[str, list[int]] = field(repr=False)
     _outlines: dict[str, tuple[str, str]] = field(repr=False)  # path -> (outline text, ids key)
     _markers: tuple[int, int, int, int] = field(repr=False)
-    _ranking: Ranking | None = field(default=None, repr=False)
+    ranking: Ranking | None = field(default=None, repr=False)  # None: the whole repository fit
 
     @property
     def ranked(self) -> bool:
         """Whether files were ranked (not when the whole repository fits)."""
-        return self._ranking is not None
+        return self.ranking is not None
 
     def explain(self, path: str) -> str:
         """Why `path` scored what it did (agent/rank.py), or that nothing was ranked."""
-        if self._ranking is None:
+        if self.ranking is None:
             return "not ranked: the whole repository fits"
-        return self._ranking.explain(list(self._ranking.paths).index(path))
+        return self.ranking.explain(list(self.ranking.paths).index(path))
 
     @property
     def total_tokens(self) -> int:
@@ -261,7 +261,7 @@ def pack_repository(path: Path, *, budget: int = DEFAULT_BUDGET, issue: str | No
         _store=store, _path_ids=path_ids,
         _outlines={c.file.path: (c.outline_text, c.outline_key) for c in candidates if c.outline_key},
         _markers=markers,  # type: ignore[arg-type]
-        _ranking=ranking,
+        ranking=ranking,
     )
 
 

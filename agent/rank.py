@@ -24,7 +24,7 @@ A file's score is a weighted sum of FEATURES (the weights are COEFFICIENTS):
 The coefficients are fitted once (a conditional logit: the softmax of the scores over a
 repository's files is the probability that a file is one the fix changes) on the tune split
 of `v4agent bench localize` (L2 penalty 0.1, by 5-fold cross-validation; the numbers are in
-docs/agent-pack-and-tools.md) and fixed here:
+docs/agent-pack-and-tools.md; agent/data/fit_rank_weights.py refits them) and fixed here:
 nothing is learned at run time, and the same issue and files give the same scores. The
 softmax is what the budget step maximises the expected recall of.
 """

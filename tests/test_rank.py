@@ -227,3 +227,24 @@ def test_pack_explain_says_why_each_full_file_is_full(tmp_path: Path, monkeypatc
     assert all(("why" in f) == (f["mode"] == "full") for f in data["files"])
     whole = CliRunner().invoke(app, ["pack", str(root), "--issue", issue, "--explain"]).stdout
     assert whole.endswith("why in full: the whole repository fits in the budget, nothing was ranked\n")
+
+
+def test_the_weight_fit_recovers_known_weights():
+    """agent/data/fit_rank_weights.py on cases drawn from a known conditional logit."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fit_rank_weights",
+                                                  Path(__file__).parents[1] / "agent/data/fit_rank_weights.py")
+    assert spec is not None and spec.loader is not None
+    fitting = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fitting)
+    rng = np.random.default_rng(3)
+    truth = np.array([3.0, -2.0, 0.5])
+    data = []
+    for _ in range(400):
+        x = rng.normal(size=(30, 3))
+        p = np.exp(x @ truth)
+        data.append((x, [int(rng.choice(30, p=p / p.sum()))]))
+    w = fitting.fit(data, l2=0.1)
+    assert np.allclose(w, truth, atol=0.35)
+    assert fitting.log_likelihood(data, w) > fitting.log_likelihood(data, np.zeros(3)) + 1.0
