@@ -1,12 +1,12 @@
 """Sessions: one live sequence on a loaded model, kept warm across an agent's turns.
 
 An agent's conversation only grows, so each turn prefills only what was appended
-(`extend`). `generate` streams tokens. `rewind` goes back to any earlier position
-exactly: snapshots taken at turn boundaries and every `snapshot_every` tokens share
-all KV with the live state (states are never written in place), so rewinding restores
-the nearest earlier snapshot and recomputes only the tail. `fork` starts an
-independent session on the same prefix without copying it. Speculative decoding
-drafts with the MTP block and verifies in one forward.
+(`extend`). `generate` streams tokens. `rewind` goes back to any earlier position:
+snapshots taken at turn boundaries and every `snapshot_every` tokens share all KV with
+the live state (states are never written in place), so rewinding restores the nearest
+earlier snapshot and recomputes only the tail. `fork` starts an independent session on
+the same prefix without copying it. Speculative decoding drafts with the MTP block and
+verifies in one forward. What comes out bit-identical to what: docs/sessions.md.
 """
 
 from __future__ import annotations
@@ -180,7 +180,9 @@ class Session:
             del self._snapshots[min(gaps)[1]]
 
     def rewind(self, position: int) -> None:
-        """Go back to `position` (keep that many tokens), exactly as if it had never gone further."""
+        """Go back to `position` (keep that many tokens). A snapshot (a turn boundary) comes back
+        bit-identical; the tokens after the nearest one are recomputed as one extend, which is
+        bit-identical to the first time only if that used the same chunks."""
         if not 0 <= position <= self.position:
             raise ValueError(f"cannot rewind to {position}: the session holds {self.position} tokens")
         tail = self.tokens[:position]
@@ -216,8 +218,10 @@ class Session:
         Stops after a token in `stop_ids`, or after the token whose text completes one of
         `stop_strings` in the generated text (`detokenize` turns ids into text); that token
         is kept, as the conversation needs it. `speculative` drafts one token with the MTP
-        block and verifies it in the same forward as the next one; greedy only, and the
-        output equals plain greedy decoding.
+        block and verifies it in the same forward as the next one; greedy only. A rejected
+        draft leaves no trace; an accepted pair was computed as one 2-token chunk, whose
+        rounding can change the output from plain greedy's (in reference precision; in exact
+        precision only at a near-tie).
         """
         if self._logits is None:
             raise ValueError("generate needs a prompt: call extend first")
@@ -252,13 +256,16 @@ class Session:
             if ends(produced):
                 return
 
+    def _draft(self, token: int) -> int:
+        """The MTP block's guess for the token after `token`. It advances the MTP block by the
+        position it would be fed next anyway, so it is called once per verify."""
+        logits = self.model.mtp_logits(self.state, self._streams, torch.tensor([token]), start=self.state.mtp_position)
+        return int(logits[0].argmax())
+
     def _speculate(self, token: int) -> list[int]:
         """Verify [token, draft] in one forward; keep the draft if the model agrees."""
         before = _Snapshot(self.state.copy(), self._logits, self._streams)
-        # drafting advances the MTP block by the position it would be fed next anyway
-        draft_logits = self.model.mtp_logits(self.state, self._streams, torch.tensor([token]),
-                                             start=self.state.mtp_position)
-        draft = int(draft_logits[0].argmax())
+        draft = self._draft(token)
         out = self.model.extend(self.state, torch.tensor([token, draft]), logits="all", return_streams=True)
         self.spec.drafted += 1
         if int(out.logits[0].argmax()) == draft:
