@@ -94,7 +94,7 @@ def tie_margin(scores: torch.Tensor, other: torch.Tensor) -> float:
 # -- the same chunks: bit-identical ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("precision", ["exact", "reference"])
+@pytest.mark.parametrize("precision", ["exact", pytest.param("reference", marks=pytest.mark.slow)])  # reference: ~40 s on 2 cores
 def test_the_same_chunks_give_bit_identical_results(precision, request) -> None:
     model = request.getfixturevalue(precision)
     ids = tokens(200, 1)
@@ -117,7 +117,7 @@ def test_the_same_chunks_give_bit_identical_results(precision, request) -> None:
     assert torch.equal(two.last_logits, one.fork().extend(ids[128:150]))
 
 
-@pytest.mark.parametrize("precision", ["exact", "reference"])
+@pytest.mark.parametrize("precision", ["exact", pytest.param("reference", marks=pytest.mark.slow)])
 def test_a_persisted_prefix_continues_bit_identically(precision, request, tmp_path) -> None:
     model = request.getfixturevalue(precision)
     ids = tokens(200, 2)
@@ -132,6 +132,7 @@ def test_a_persisted_prefix_continues_bit_identically(precision, request, tmp_pa
 # -- other chunkings: rounding, and what it does at a near-tie ----------------------------------
 
 
+@pytest.mark.slow  # ~2 min on 2 cores
 def test_other_chunkings_agree_to_rounding_where_no_pick_is_near_a_tie(exact, with_picks) -> None:
     ids = torch.tensor([tokens(160, 1)])
     one, picks_one = with_picks(lambda: exact(ids, chunk_size=4096)[0])
@@ -147,7 +148,8 @@ def test_other_chunkings_agree_to_rounding_where_no_pick_is_near_a_tie(exact, wi
     torch.testing.assert_close(each, one, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("spread", [1e-6, 0.5, 0.0])
+@pytest.mark.parametrize("spread", [1e-6, pytest.param(0.5, marks=pytest.mark.slow),
+                                    pytest.param(0.0, marks=pytest.mark.slow)])  # the controls: slow
 def test_a_near_tie_in_the_indexer_flips_a_pick_with_the_chunking(exact, with_picks, spread) -> None:
     """The CSA entries' indexer keys are replaced by one key plus noise of relative size `spread`:
     1e-6 puts every query's top-k cut at a near-tie, 0.5 keeps the scores apart, and 0 makes
@@ -190,6 +192,7 @@ def test_a_near_tie_in_the_indexer_flips_a_pick_with_the_chunking(exact, with_pi
     assert float(diff[first:].max()) > 1e-2  # the flip itself moves the logits far beyond rounding
 
 
+@pytest.mark.slow
 def test_reference_decoding_is_not_bit_identical_to_prefill(reference) -> None:
     """bf16 rounding turns the different summation orders of 1-row and many-row GEMMs into
     different activations, which the layers amplify (the same run in exact precision agrees
