@@ -42,6 +42,27 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory):
     return make
 
 
+def tokens(n: int, seed: int = 0) -> list[int]:
+    """`n` random token ids of the tiny vocabulary (ids 0 and 1 are special), by `seed`."""
+    return torch.randint(2, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def exact(checkpoint_dir):
+    """The tiny checkpoint in exact precision (fp32)."""
+    from runtime import load
+
+    return load(checkpoint_dir("tiny", 0))
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint_dir):
+    """The tiny checkpoint in reference precision (bf16, FP8 activations, native cache)."""
+    from runtime import load
+
+    return load(checkpoint_dir("tiny", 0), precision="reference")
+
+
 def load_hf(path: Path):
     """transformers' DeepseekV4ForCausalLM on the same files, in fp32 (the oracle)."""
     from transformers import DeepseekV4ForCausalLM

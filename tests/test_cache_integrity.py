@@ -32,12 +32,10 @@ from runtime.checkpoint import INDEX_FILE, CheckpointError, digest_store, open_c
 from runtime.prefix_cache import prune, segments, stats
 from runtime.session import Session
 from runtime.tokenizer import load_tokenizer
+from tests.conftest import tokens
 
 ALIGN = 128  # the tiny config's segment boundaries
 
-
-def tokens(n: int, seed: int) -> list[int]:
-    return torch.randint(2, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 class Hung(Exception):
@@ -81,10 +79,6 @@ def edit_header(path: Path, change: Callable[[dict], None]) -> None:
 PROMPT = tokens(270, 1)  # segments [0, 128) and [128, 256), written as two turns
 OTHER = tokens(270, 2)  # another prompt: one segment [0, 256)
 
-
-@pytest.fixture(scope="module")
-def exact(checkpoint_dir):
-    return load(checkpoint_dir("tiny", 0))
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,11 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from runtime import load
 from runtime.bench_session import OracleDrafts
 from runtime.kvstore import Rows
 from runtime.model import Indexer
 from runtime.session import SamplingParams, Session
+from tests.conftest import tokens
 
 GREEDY = SamplingParams(temperature=0)
 # how far an fp32 indexer score may lie from its float64 recomputation, relative to the query's
@@ -28,18 +28,7 @@ GREEDY = SamplingParams(temperature=0)
 SCORE_ROUNDING = 1e-6
 
 
-def tokens(n: int, seed: int) -> list[int]:
-    return torch.randint(2, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
-
-@pytest.fixture(scope="module")
-def exact(checkpoint_dir):
-    return load(checkpoint_dir("tiny", 0))
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint_dir):
-    return load(checkpoint_dir("tiny", 0), precision="reference")
 
 
 Picks = dict[tuple[Indexer, int], tuple[frozenset[int], torch.Tensor]]

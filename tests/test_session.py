@@ -19,23 +19,12 @@ from runtime.config import released_config
 from runtime.kvstore import bytes_per_token
 from runtime.prefix_cache import PrefixCache, prune, segments, stats
 from runtime.session import SamplingParams, Session, SessionPool, state_bytes
-from tests.conftest import CONFIGS, load_hf
+from tests.conftest import CONFIGS, load_hf, tokens
 
 GREEDY = SamplingParams(temperature=0)
 
 
-def tokens(n: int, seed: int = 0) -> list[int]:
-    return torch.randint(2, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
-
-@pytest.fixture(scope="module")
-def exact(checkpoint_dir):
-    return load(checkpoint_dir("tiny", 0))
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint_dir):
-    return load(checkpoint_dir("tiny", 0), precision="reference")
 
 
 @pytest.mark.slow  # minutes on 2 cores; test_parity holds chunked prefill to the oracle by default
