@@ -4,7 +4,8 @@ The view (the same whoever starts v4agent): the work tree read-write (its .git r
 private /tmp (also $HOME) and /var/tmp, the system directories read-only (/usr, /bin, /sbin,
 /lib*, /opt), /etc read-only with the files in SECRET_ETC hidden, this Python's installation and
 virtualenv and any `extra` paths read-only (but never the evals' data of this installation,
-HIDDEN: gold patches, test patches, task solutions), a minimal /dev and a /proc of its own. Nothing else:
+HIDDEN: gold patches, test patches, task solutions), a minimal /dev and a /proc of its own.
+Nothing else:
 no home directory, no /run (no host sockets), no /sys, no other repository, not the user's
 checkout (the git objects the work tree borrows are shown read-only at a neutral path). A network
 namespace of its own (loopback only), and its own pid, ipc, uts and cgroup namespaces.
@@ -252,10 +253,10 @@ def command(root: Path, argv: Sequence[str], env: dict[str, str], *, limits: Lim
         if as_root:
             args += [_which("setpriv"), f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
                      "--bounding-set=-all", "--no-new-privs", "--"]
-        inside = {**env, "HOME": HOME, "TMPDIR": "/tmp",
+        environ = {**env, "HOME": HOME, "TMPDIR": "/tmp",
                   # .git belongs to the invoking user, not to the sandbox's uid: let git read it
                   "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory", "GIT_CONFIG_VALUE_0": str(inside)}
-        return Command(limit_argv(limits, uid if as_root else os.geteuid()) + args + list(argv), tuple(fds), inside)
+        return Command(limit_argv(limits, uid if as_root else os.geteuid()) + args + list(argv), tuple(fds), environ)
     except BaseException:
         for fd in fds:
             os.close(fd)
