@@ -47,6 +47,7 @@ import sys
 import tempfile
 import tomllib
 import zipfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
@@ -229,16 +230,20 @@ def _show(repo_dir: Path, commit: str, path: str) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
+def _first_file(spec: EnvSpec, repo_dir: Path, commit: str, paths: Sequence[str]) -> tuple[str, str]:
+    """The first of `paths` that exists at `commit`, and its text (the official lookup order)."""
+    for path in paths:
+        text = _show(repo_dir, commit, path)
+        if text is not None:
+            return path, text
+    raise EvalError(f"{spec.repo}: none of {', '.join(paths)} at {commit}")
+
+
 def requirements_text(spec: EnvSpec, repo_dir: Path, commit: str) -> str:
     """The official requirements text for `spec` at `commit` of the repository in `repo_dir`:
     the first listed file that exists, `-r` includes inlined first, `-e .`, comments and
     `.[test` lines dropped, yanked packages replaced (swebench's get_requirements)."""
-    for path in spec.requirements:
-        text = _show(repo_dir, commit, path)
-        if text is not None:
-            break
-    else:
-        raise EvalError(f"{spec.repo}: none of {', '.join(spec.requirements)} at {commit}")
+    path, text = _first_file(spec, repo_dir, commit, spec.requirements)
     folder = "/".join(path.split("/")[:-1])
     included, own = [], []
     for line in text.split("\n"):
@@ -256,12 +261,7 @@ def requirements_text(spec: EnvSpec, repo_dir: Path, commit: str) -> str:
 def environment_yml_requirements(spec: EnvSpec, repo_dir: Path, commit: str) -> str:
     """A conda environment.yml as pip requirements (no conda here): its dependencies (a conda
     pin `name=1.2` becomes `name==1.2`; python and pip left out) and its `pip:` list."""
-    for path in spec.environment_yml:
-        text = _show(repo_dir, commit, path)
-        if text is not None:
-            break
-    else:
-        raise EvalError(f"{spec.repo}: none of {', '.join(spec.environment_yml)} at {commit}")
+    _, text = _first_file(spec, repo_dir, commit, spec.environment_yml)
     lines, in_deps = [], False
     for raw in text.splitlines():
         stripped = raw.split("#", 1)[0].rstrip()
