@@ -18,17 +18,13 @@ from pathlib import Path
 import pytest
 
 from agent.workspace import Workspace
+from tests.fixtures_agent import git
 from tools import sandbox
 from tools.base import Settings
 from tools.registry import call
 
 ATTACKS = Path(__file__).with_name("sandbox_attacks.py")
 UNPRIVILEGED_UID = 65001
-
-
-def git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
-                   capture_output=True)
 
 
 @pytest.fixture

@@ -15,12 +15,8 @@ from pathlib import Path
 import pytest
 
 import tools.search
+from tests.fixtures_agent import git
 from tools.registry import call
-
-
-def git(root: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=root, check=True,
-                   capture_output=True)
 
 
 @pytest.fixture
