@@ -24,7 +24,7 @@ from evals.grader import Limits
 from evals.instances import load_instances, load_predictions, parse_instance
 from evals.proc import git
 from evals.repos import RepoStore, sdist_commit
-from tools.shell import bwrap_available
+from tools import sandbox
 
 CALC = "def add(a, b):\n    return a - b\n\n\ndef mul(a, b):\n    return a * b\n"
 TESTS = "from calc import mul\n\n\ndef test_mul():\n    assert mul(2, 3) == 6\n"
@@ -252,7 +252,7 @@ def test_sdist_commits_are_reproducible(tmp_path):
     assert "100755 blob" in listing and "pkg/__init__.py" in listing
 
 
-@pytest.mark.skipif(not bwrap_available(), reason="bubblewrap is not installed or cannot sandbox here")
+@pytest.mark.skipif(not sandbox.available(), reason="bubblewrap is not installed or cannot sandbox here")
 def test_an_eval_script_runs_at_testbed_and_applies_the_tests_itself(calc):
     instance = calc.instance()
     script = (f"set -uxo pipefail\ncd /testbed\ngit apply -v - <<'EOF_114329324912'\n{instance.test_patch}"

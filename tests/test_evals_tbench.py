@@ -4,7 +4,6 @@ that needs its image refused before anything runs, the 1.0 layout, and the ATIF 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -12,10 +11,10 @@ import pytest
 
 from evals import atif, tbench
 from evals.tbench_tasks import host_refusal, load_task, load_tasks
-from tools.shell import bwrap_available
+from tools import sandbox
 
 SAMPLES = Path(__file__).parents[1] / "evals" / "data" / "tbench"
-needs_bwrap = pytest.mark.skipif(not bwrap_available(), reason="bubblewrap is not installed or cannot sandbox here")
+needs_bwrap = pytest.mark.skipif(not sandbox.available(), reason="bubblewrap is not installed or cannot sandbox here")
 
 
 def _task(root: Path, dockerfile: str, test_sh: str = "echo 1 > /logs/verifier/reward.txt\n") -> Path:
@@ -110,7 +109,7 @@ def test_atif_from_chat_messages():
 
 
 def test_cli_runs_the_samples_and_ends_with_the_summary(tmp_path):
-    if not bwrap_available() or shutil.which("bwrap") is None:
+    if not sandbox.available():
         pytest.skip("bubblewrap is not installed or cannot sandbox here")
     from typer.testing import CliRunner
 

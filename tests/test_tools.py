@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from tools import sandbox
 from tools.base import Settings
 from tools.registry import call, default_tools, schemas
-from tools.shell import bwrap_available, scrubbed_env
+from tools.shell import scrubbed_env
 
 NO_SANDBOX = Settings(sandbox="off")
-needs_bwrap = pytest.mark.skipif(not bwrap_available(), reason="bubblewrap is not installed or cannot run here")
+needs_bwrap = pytest.mark.skipif(not sandbox.available(), reason="bubblewrap is not installed or cannot run here")
 
 
 @pytest.fixture

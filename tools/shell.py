@@ -9,9 +9,7 @@ runs unconfined under the same limits, inside a subreaper that kills whatever it
 
 from __future__ import annotations
 
-import functools
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -37,16 +35,6 @@ def scrubbed_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k in ENV_ALLOWLIST or k.startswith("LC_")}
     env.update(FIXED_ENV)
     return env
-
-
-@functools.cache
-def bwrap_available() -> bool:
-    """bubblewrap is installed and can create the namespaces we use (it cannot in some containers)."""
-    if shutil.which("bwrap") is None:
-        return False
-    probe = subprocess.run(["bwrap", "--ro-bind", "/", "/", "--unshare-net", "--unshare-pid", "--die-with-parent",
-                            "true"], capture_output=True, timeout=30)
-    return probe.returncode == 0
 
 
 def limits(settings: Settings) -> sandbox.Limits:
