@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.dsml import DsmlParser, parse_completion
-from agent.encoding import PromptEncoder, PromptSettings, TokenCache, render_completion, render_prompt, wrap_file
+from runtime.dsml import DsmlParser, parse_completion
+from runtime.encoding import PromptEncoder, PromptSettings, TokenCache, render_completion, render_prompt, wrap_file
 
 DJANGO = "5.2.8"
 MAX_FILE_BYTES = 1_000_000  # larger files are data, not source; a packer skips them too

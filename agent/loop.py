@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.backends import Backend, BackendError, Request
-from agent.dsml import ParsedMessage
-from agent.encoding import (ASSISTANT, BOS, EOS, FILE_BEGIN, FILE_END, FILE_NAME_BEGIN, FILE_NAME_END,
+from runtime.dsml import ParsedMessage
+from runtime.encoding import (ASSISTANT, BOS, EOS, FILE_BEGIN, FILE_END, FILE_NAME_BEGIN, FILE_NAME_END,
                             LATEST_REMINDER, USER, PromptEncoder, PromptSettings, render_prompt)
 from agent.prompts import Prompts
 from agent.trajectory import Trajectory

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from agent import outline as outline_module
-from agent.encoding import FILE_BEGIN, FILE_END, FILE_NAME_BEGIN, FILE_NAME_END, wrap_file
+from runtime.encoding import FILE_BEGIN, FILE_END, FILE_NAME_BEGIN, FILE_NAME_END, wrap_file
 from agent.outline import language_of, outline
 from agent.pack_cache import TokenStore, cache_root, fingerprint
 from agent.pack_files import (

@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from agent.encoding import EFFORT_PROFILES, THINK_MODES
+from runtime.encoding import EFFORT_PROFILES, THINK_MODES
 
 CONTEXT_TOKENS = 1_048_576
 

@@ -14,7 +14,7 @@ import pytest
 
 from agent.backends import BackendError, Request
 from agent.backends.http import HttpBackend, reasoning_fields
-from agent.encoding import PromptEncoder
+from runtime.encoding import PromptEncoder
 from agent.loop import SUBMITTED, Agent, AgentConfig
 from agent.trajectory import Trajectory
 from runtime.tokenizer import load_tokenizer

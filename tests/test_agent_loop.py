@@ -11,8 +11,8 @@ import pytest
 
 from agent.backends import Completion, Listener, Request
 from agent.backends.scripted import ScriptedBackend
-from agent.dsml import ReasoningDelta
-from agent.encoding import EOS, PromptEncoder
+from runtime.dsml import ReasoningDelta
+from runtime.encoding import EOS, PromptEncoder
 from agent.loop import (BACKEND_ERROR, CONTEXT_FULL, INTERRUPTED, MAX_TOKENS, MAX_TURNS, REPEATED_CALL, SUBMITTED,
                         Agent, AgentConfig, ConversationError, ToolRan, TurnFinished, TurnStarted)
 from agent.pack import pack_repository

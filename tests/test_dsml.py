@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.dsml import (
+from runtime.dsml import (
     ContentDelta, DsmlError, DsmlParser, End, ParameterComplete, ReasoningDelta, ToolCall, ToolCallComplete,
     ToolCallStarted, parse_completion,
 )
-from agent.encoding import VALUE_END, EncodingError, PromptSettings, render_completion
+from runtime.encoding import VALUE_END, EncodingError, PromptSettings, render_completion
 from runtime.tokenizer import load_tokenizer
 
 EOS = "<｜end▁of▁sentence｜>"

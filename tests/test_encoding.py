@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.encoding import (
+from runtime.encoding import (
     BOS, EFFORT_PREFIX_A, EFFORT_PREFIX_B, EOS, SPLIT_TOKENS, EncodingError, PromptEncoder, PromptSettings,
     TokenCache, render_completion, render_prompt, split_pieces, wrap_file,
 )

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent.encoding import FILE_BEGIN, FILE_END, FILE_NAME_BEGIN, FILE_NAME_END
+from runtime.encoding import FILE_BEGIN, FILE_END, FILE_NAME_BEGIN, FILE_NAME_END
 from agent.outline import GRAMMARS, _Writer, outline
 from agent.pack import OUTLINE_HEADER, PackError, pack_repository
 from agent.pack_cache import TokenStore

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from agent.cli import app
-from agent.encoding import EFFORT_PREFIX_A
+from runtime.encoding import EFFORT_PREFIX_A
 
 B, E, U, A = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
 MESSAGES = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]

@@ -33,7 +33,7 @@ from typer.testing import CliRunner
 
 from agent.cli.common import fail, visible
 from agent.cli.fix import LiveView, fix_cmd, replay_cmd
-from agent.dsml import ContentDelta, ReasoningDelta
+from runtime.dsml import ContentDelta, ReasoningDelta
 from agent.loop import ToolRan
 from agent.settings import load_settings
 from agent.workspace import NESTED_REPOSITORY, REFUSED_NAME, Workspace, WorkspaceError, apply_patch, commit_branch

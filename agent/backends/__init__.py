@@ -5,7 +5,7 @@ completions server) and `scripted` (turns written in a file, for tests, demos an
 A backend gets the whole conversation twice over, as OpenAI-style messages and as V4 token ids
 (ending with the generation prompt), and uses whichever it speaks. It streams what it produces
 to a listener as the parser's events (`ReasoningDelta`, `ContentDelta`, `ToolCallStarted`,
-`ToolCallComplete`, `End` from agent.dsml) plus `Prefill` progress, and returns the
+`ToolCallComplete`, `End` from runtime.dsml) plus `Prefill` progress, and returns the
 `Completion`.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from agent.dsml import ParsedMessage
+from runtime.dsml import ParsedMessage
 
 Listener = Callable[[object], None]
 

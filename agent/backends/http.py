@@ -45,9 +45,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.backends import BackendError, Completion, Listener, Request
-from agent.dsml import (ContentDelta, End, ParsedMessage, ReasoningDelta, ToolCall, ToolCallComplete,
+from runtime.dsml import (ContentDelta, End, ParsedMessage, ReasoningDelta, ToolCall, ToolCallComplete,
                         ToolCallStarted)
-from agent.encoding import EOS, EncodingError, PromptSettings, render_completion
+from runtime.encoding import EOS, EncodingError, PromptSettings, render_completion
 from agent.trajectory import redact_text
 
 API_KEY_VARIABLES = ("V4AGENT_API_KEY", "DEEPSEEK_API_KEY", "OPENAI_API_KEY")

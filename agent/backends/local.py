@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.backends import BackendError, Completion, Listener, Prefill, Request
-from agent.dsml import DsmlParser
-from agent.encoding import EOS
+from runtime.dsml import DsmlParser
+from runtime.encoding import EOS
 
 if TYPE_CHECKING:
     from runtime.model import Model

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.backends import BackendError, Completion, Listener, Request
-from agent.dsml import DsmlParser
-from agent.encoding import EncodingError, PromptSettings, render_completion
+from runtime.dsml import DsmlParser
+from runtime.encoding import EncodingError, PromptSettings, render_completion
 
 STRUCTURED_KEYS = frozenset({"reasoning", "content", "tool_calls"})
 

@@ -720,7 +720,7 @@ class LiveView:
         from rich.text import Text
 
         from agent.backends import Prefill
-        from agent.dsml import ContentDelta, ReasoningDelta
+        from runtime.dsml import ContentDelta, ReasoningDelta
         from agent.loop import ToolRan, TurnFinished, TurnStarted
 
         if isinstance(event, ReasoningDelta):

@@ -58,7 +58,7 @@ def render_cmd(
     ids: bool = typer.Option(False, "--ids", help="Print the token ids (a JSON list) instead of the text."),
 ) -> None:
     """Print the prompt text exactly as the model reads it, with nothing added."""
-    from agent.encoding import EncodingError, PromptEncoder, PromptSettings, render_prompt
+    from runtime.encoding import EncodingError, PromptEncoder, PromptSettings, render_prompt
 
     messages = _read_json_list(messages_file, "message")
     if tools_file is not None:
@@ -84,7 +84,7 @@ def parse_cmd(
     strict: bool = typer.Option(False, "--strict", help="Reject any deviation from the format (exit 1)."),
 ) -> None:
     """Parse a completion into an OpenAI-style assistant message (JSON); `errors` lists what is malformed."""
-    from agent.dsml import DsmlError, parse_completion
+    from runtime.dsml import DsmlError, parse_completion
 
     text = _read_text(completion_file)
     try:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Union
 
-from agent.encoding import (
+from runtime.encoding import (
     BOS, DSML, EOS, INVOKE_CLOSE, INVOKE_OPEN, PARAM_CLOSE, PARAM_OPEN, THINK_CLOSE, THINK_OPEN,
     TOOL_CALLS_CLOSE, TOOL_CALLS_OPEN, VALUE_END, to_json,
 )
