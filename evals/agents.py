@@ -133,7 +133,9 @@ class V4Agent:
 
 def outcome_of(result: dict[str, Any], patch_file: Path | None, worktree: Path, base: str) -> Outcome:
     """An Outcome from `fix --json`'s object: the patch file, else the work tree's diff."""
-    patch = patch_file.read_text() if patch_file else worktree_diff(worktree, base)
+    # a patch need not be UTF-8 (an edited Latin-1 file): its bytes are kept as surrogates, and
+    # written back the same way for grading
+    patch = patch_file.read_bytes().decode("utf-8", "surrogateescape") if patch_file else worktree_diff(worktree, base)
     tokens = {ours: int(result[theirs]) for theirs, ours in TOKEN_FIELDS.items() if isinstance(result.get(theirs), int)}
     trajectory = Path(result["trajectory"]) if isinstance(result.get("trajectory"), str) else None
     return Outcome(patch, tokens, trajectory if trajectory and trajectory.is_file() else None,

@@ -244,7 +244,7 @@ def grade(instance: Instance, model_patch: str, worktree: Path, spec: EnvSpec, v
         model_patch = without_files(model_patch, suspicious)
         extra["strict_dropped"] = suspicious
     parser = log_parser(instance, spec)
-    (logs / "patch.diff").write_text(model_patch)
+    (logs / "patch.diff").write_text(model_patch, errors="surrogateescape")
     (logs / "eval.sh").write_text(official_spec(instance, parser, instance.eval_script or
                                                 made_eval_script(instance, spec)).eval_script)
     env = runner_environ(venv, spec, Path(TESTBED))

@@ -82,7 +82,9 @@ def run(argv: list[str], *, cwd: Path, env: dict[str, str] | None = None, timeou
 
 def git(*args: str, cwd: Path, env: dict[str, str] | None = None) -> str:
     """`git args` in `cwd`: its stdout, or EvalError with git's message."""
-    result = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    # surrogateescape: a diff of a Latin-1 file is not UTF-8, and its bytes must survive as they are
+    result = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                            errors="surrogateescape")
     if result.returncode != 0:
         raise EvalError(f"git {' '.join(args[:2])} failed in {cwd}: {result.stderr.strip()[-2000:]}")
     return result.stdout

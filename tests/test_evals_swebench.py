@@ -214,6 +214,30 @@ def test_v4_adapter_reads_fix_json_and_its_trajectory(calc, tmp_path):
     assert trajectory["final_metrics"]["total_cached_tokens"] == 80
 
 
+@pytest.mark.parametrize("route", ["patch_out", "worktree_diff"])
+def test_a_patch_that_is_not_utf8_is_graded_byte_for_byte(calc, tmp_path, route):
+    """An agent that edits a Latin-1 file: its patch is not UTF-8, and neither reading it (from
+    --patch-out, or the work tree's diff) nor grading it may crash or change a byte."""
+    fake = tmp_path / "fake_fix.py"
+    fake.write_text(textwrap.dedent(f"""
+        import json, pathlib, subprocess, sys
+        repo, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+        (repo / "calc.py").write_text((repo / "calc.py").read_text().replace("a - b", "a + b"))
+        (repo / "legacy.txt").write_bytes("caf\\xe9\\n".encode("latin-1"))
+        if {route == "patch_out"!r}:
+            subprocess.run(["git", "add", "--all"], cwd=repo, check=True)
+            out.write_bytes(subprocess.run(["git", "diff", "--cached", "--binary"], cwd=repo, check=True,
+                                           capture_output=True).stdout)
+        print(json.dumps({{"stop": "submitted", "turns": 1}}))
+        sys.exit(0 if {route == "patch_out"!r} else 1)
+        """))
+    agent = V4Agent(f"{sys.executable} {fake} {{repo}} {{patch_out}}")
+    record = _one(calc, agent)
+    assert record["resolved"], record
+    applied = (calc.config(agent).out / "instances" / "acme__calc-1" / "patch.diff").read_bytes()
+    assert b"+caf\xe9\n" in applied
+
+
 def test_instance_and_prediction_formats(calc, tmp_path):
     record = calc.instance()
     folder = tmp_path / "dataset" / record.instance_id
