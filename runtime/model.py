@@ -4,15 +4,11 @@ Module and buffer names are the official checkpoint names (`layers.3.attn.wq_a.w
 `layers.3.ffn.experts.7.w1.scale`, `mtp.0.e_proj.weight`, ...), so `state_dict()`
 lines up with the files on disk one to one.
 
-Every sequence lives in a :class:`SequenceState`: a forward pass over a prompt is "extend
-an empty state chunk by chunk", the same code path that incremental decoding uses. One
-forward can extend several sequences at once (:meth:`Model.extend_batch`, a
-:class:`RaggedBatch` of their new rows): what is per token (embedding, mHC, projections,
-router and experts, head) runs once over all their rows, so the weights are read once
-per step; what depends on a sequence's history (its KV window, compressors, indexer,
-attention) runs on its own rows and state. Attention is sparse as the architecture
-intends: a query reads its sliding window, its top-k CSA entries or the causal HCA
-entries, never a dense [S, S] matrix, so memory grows linearly with the sequence.
+Everything runs on one sequence at a time through :class:`SequenceState`: a forward
+pass over a prompt is "extend an empty state chunk by chunk", the same code path that
+incremental decoding uses. Attention is sparse as the architecture intends: a query
+reads its sliding window, its top-k CSA entries or the causal HCA entries, never a
+dense [S, S] matrix, so memory grows linearly with the sequence.
 
 Two precision modes:
 * ``exact``: fp32 everything, no low-precision simulation (what the oracle computes);
@@ -236,33 +232,6 @@ class SequenceState:
         return sum(c.entries.nbytes() for s in self.layers for c in (s.compressor, s.indexer) if c is not None)
 
 
-@dataclass
-class RaggedBatch:
-    """The new rows of several sequences, concatenated: sequence i owns rows
-    `bounds[i]:bounds[i + 1]`, at positions `starts[i]`.. of its own sequence."""
-
-    ids: torch.Tensor  # [R] token ids (hash routing reads them)
-    positions: torch.Tensor  # [R] each row's position in its sequence
-    starts: list[int]
-    bounds: list[int]  # len(starts) + 1 row offsets, from 0 to R
-
-    @staticmethod
-    def of(starts: list[int], ids: list[torch.Tensor]) -> RaggedBatch:
-        lengths = [t.shape[0] for t in ids]
-        bounds = np.cumsum([0] + lengths).tolist()
-        device = ids[0].device
-        positions = [torch.arange(s, s + n, device=device) for s, n in zip(starts, lengths)]
-        # one sequence: its tensors as they are (a batch of one is exactly a single extend)
-        cat = (lambda ts: ts[0]) if len(ids) == 1 else torch.cat
-        return RaggedBatch(cat(ids), cat(positions), list(starts), bounds)
-
-    def spans(self) -> list[tuple[int, int]]:
-        return list(zip(self.bounds[:-1], self.bounds[1:]))
-
-    def lengths(self) -> list[int]:
-        return [hi - lo for lo, hi in self.spans()]
-
-
 # --------------------------------------------------------------------------------------
 # Compressor (§7) and Lightning Indexer (§8)
 # --------------------------------------------------------------------------------------
@@ -286,16 +255,13 @@ class Compressor(nn.Module):
         empty = torch.empty(0, c * self.width, device=device)
         return CompressorState(Rows(codec, self.width, dtype, device), empty, empty)
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token projections of rows `x` at `positions`: kv and gate logits (position bias added)."""
-        return self.wkv(x), self.wgate(x) + self.ape[positions % self.ratio]
-
-    def forward(self, kv: torch.Tensor, gate: torch.Tensor, start: int, st: CompressorState) -> None:
-        """Feed one sequence's projected tokens at positions start.. into its state; emit every
-        window they close."""
+    def forward(self, x: torch.Tensor, start: int, st: CompressorState) -> None:
+        """Feed tokens at positions start.. into the state; emit every window they close."""
         m, w = self.ratio, self.width
+        positions = torch.arange(start, start + x.shape[0], device=x.device)
+        kv = torch.cat((st.open_kv, self.wkv(x)))
+        gate = torch.cat((st.open_gate, self.wgate(x) + self.ape[positions % m]))
         first = start - st.open_kv.shape[0]  # windows are aligned to absolute positions
-        kv, gate = torch.cat((st.open_kv, kv)), torch.cat((st.open_gate, gate))
         n = kv.shape[0] // m
         # clones: a state must not pin the whole chunk's projections through a view
         st.open_kv, st.open_gate = kv[n * m:].clone(), gate[n * m:].clone()
@@ -314,7 +280,7 @@ class Compressor(nn.Module):
             st.prev_kv, st.prev_gate = kv[-1, :, :w].clone(), gate[-1, :, :w].clone()
         else:
             slots_kv, slots_gate = kv, gate
-        pool = kernels.compressor.pool if kernels.enabled(kv.device, "compressor") else Compressor._pool
+        pool = kernels.compressor.pool if kernels.enabled(x.device, "compressor") else Compressor._pool
         st.entries.append(self.finish(pool(self, slots_kv, slots_gate, first, st.entries.dtype)))
 
     def _pool(self, slots_kv: torch.Tensor, slots_gate: torch.Tensor, first: int, dtype: torch.dtype) -> torch.Tensor:
@@ -347,28 +313,21 @@ class Indexer(nn.Module):
         # reference: FP4 storage of indexer q/k after an orthonormal Hadamard rotation
         return v if self.exact else fp4_sim(hadamard(v), 32)
 
-    def queries(self, x: torch.Tensor, cq: torch.Tensor,
-                batch: RaggedBatch) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-        """Per sequence of the batch: its queries [T, heads, dim] and head weights [T, heads]
-        (fp32), or None when none of its queries sees more than k entries: then top-k selects
-        every causal entry, attention reads them all, and nothing is scored. Projected in one
-        GEMM over the rows of the sequences that score."""
-        scoring = [(start + hi - lo) // self.ratio > self.topk
-                   for start, (lo, hi) in zip(batch.starts, batch.spans())]
-        if not any(scoring):
-            return [None] * len(scoring)
-        positions, spans = batch.positions, batch.spans()
-        if not all(scoring):  # only the scoring sequences' rows, packed
-            rows = torch.cat([torch.arange(lo, hi, device=x.device) for (lo, hi), s in zip(spans, scoring) if s])
-            x, cq, positions = x[rows], cq[rows], positions[rows]
-            spans = list(zip(*[np.cumsum([0] + [hi - lo for (lo, hi), s in zip(batch.spans(), scoring) if s])
-                               .tolist()[i:] for i in (0, 1)]))
+    def forward(self, x: torch.Tensor, cq: torch.Tensor, positions: torch.Tensor,
+                st: CompressorState) -> torch.Tensor | None:
+        """Entry indices [T, k] per query, -1 where a query has fewer than k causal entries.
+
+        None when no query of the chunk sees more than k entries: then top-k selects every
+        causal entry, and attention reads them all without scoring.
+        """
+        self.compressor(x, int(positions[0]), st)
+        if (int(positions[-1]) + 1) // self.ratio <= self.topk:
+            return None
         q = self.wq_b(cq).view(x.shape[0], self.n_heads, self.head_dim)
         q = self.round_keys(apply_rope(q, positions, self.freqs))
         weights = self.weights_proj(x).float() * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
-        packed = iter(spans)
-        return [(q[lo:hi], weights[lo:hi]) for lo, hi in (next(packed) if s else (0, 0) for s in scoring)
-                if True] if False else self._unpack(q, weights, spans, scoring)
+        select = kernels.indexer.select if kernels.enabled(x.device, "indexer") else Indexer._select
+        return select(self, q, weights, positions, st.entries)
 
     def _select(self, q: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor, rows: Rows) -> torch.Tensor:
         """Top-k entry indices [T, k] (-1 past a query's causal entries) from queries [T, heads, dim],
