@@ -4,10 +4,10 @@ reasoning comes back), errors with the server's message, bounded retries."""
 
 from __future__ import annotations
 
+import itertools
 import json
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from agent.loop import SUBMITTED, Agent, AgentConfig
 from agent.trajectory import Trajectory
 from runtime.tokenizer import load_tokenizer
 from tests.fixtures_agent import isolate, make_repo
+from tests.fixtures_http import endpoints
 
 LIMIT = 1_048_576
 Answer = Callable[[dict], tuple[int, dict, bytes]]
@@ -42,50 +43,29 @@ def error(status: int, message: str, headers: dict | None = None) -> tuple[int, 
     return status, {"Content-Type": "application/json", **(headers or {})}, body
 
 
-class Server:
-    """Answers the n-th POST with answers[n] (the last one from then on); keeps every request."""
-
-    def __init__(self, *answers: Answer) -> None:
-        self.answers = answers
-        self.requests: list[dict] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                status, headers, payload = server.answers[min(len(server.requests), len(server.answers)) - 1](body)
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                for start in range(0, len(payload), 97):  # streamed in pieces that cut through events
-                    self.wfile.write(payload[start:start + 97])
-                    self.wfile.flush()
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.01,), daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def serve():
-    servers: list[Server] = []
+    """`serve(*answers)`: the n-th POST gets answers[n](body) (the last one from then on), streamed
+    in pieces that cut through events."""
+    with endpoints() as start:
+        def scripted(*answers: Answer):
+            calls = itertools.count(1)
 
-    def start(*answers: Answer) -> Server:
-        servers.append(Server(*answers))
-        return servers[-1]
+            def answer(handler: BaseHTTPRequestHandler) -> None:
+                body = endpoint.requests[-1]["body"]
+                status, headers, payload = answers[min(next(calls), len(answers)) - 1](body)
+                handler.send_response(status)
+                for key, value in headers.items():
+                    handler.send_header(key, value)
+                handler.end_headers()
+                for start_at in range(0, len(payload), 97):
+                    handler.wfile.write(payload[start_at:start_at + 97])
+                    handler.wfile.flush()
 
-    yield start
-    for server in servers:
-        server.close()
+            endpoint = start(answer)
+            return endpoint
+
+        yield scripted
 
 
 def backend(url: str, **options) -> HttpBackend:

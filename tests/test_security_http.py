@@ -15,7 +15,7 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -29,59 +29,16 @@ from agent.backends.http import HttpBackend, read_stream
 from agent.cli.fix import fix_cmd, replay_cmd
 from agent.trajectory import Trajectory, redact, secret_values
 from tests.fixtures_agent import isolate, make_repo
+from tests.fixtures_http import Answer, Endpoint, endpoints
 
 MAX_TURN_TOKENS = 32_768  # the default max_turn_tokens
 MB = 1_000_000
-Answer = Callable[[BaseHTTPRequestHandler], None]
-
-
-class Endpoint:
-    """A chat completions server whose every POST is answered by `answer(handler)`; it keeps the
-    request headers. HTTP/1.1 with chunked bodies, as uvicorn (vLLM, SGLang) streams."""
-
-    def __init__(self, answer: Answer, tls: ssl.SSLContext | None = None) -> None:
-        self.answer = answer
-        self.headers: list[dict[str, str]] = []
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["Content-Length"]))
-                endpoint.headers.append(dict(self.headers))
-                self.close_connection = True
-                try:
-                    endpoint.answer(self)
-                except OSError:
-                    pass  # the client hung up (it gave up, as it should)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        if tls is not None:
-            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
-        scheme = "https" if tls else "http"
-        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, args=(0.01,), daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
 def serve():
-    endpoints: list[Endpoint] = []
-
-    def start(answer: Answer, tls: ssl.SSLContext | None = None) -> Endpoint:
-        endpoints.append(Endpoint(answer, tls))
-        return endpoints[-1]
-
-    yield start
-    for endpoint in endpoints:
-        endpoint.close()
+    with endpoints() as start:
+        yield start
 
 
 def begin(handler: BaseHTTPRequestHandler, status: int = 200, kind: str = "text/event-stream",
@@ -582,7 +539,7 @@ def test_the_trajectory_on_disk_holds_no_secret(serve, tmp_path: Path, monkeypat
     result = CliRunner().invoke(app, ["fix", "x", "--repo", str(repo), "--endpoint", endpoint, "--model", "m",
                                       "--json"])
     assert json.loads(result.stdout)["stop"] == "submitted", result.output
-    assert server.headers[0]["Authorization"] == f"Bearer {key}"  # the key did go to the server
+    assert server.requests[0]["headers"]["Authorization"] == f"Bearer {key}"  # the key did go to the server
     [run] = (cache / "runs").iterdir()
     written = (run / "trajectory.jsonl").read_text()
     for secret in (key, token, "s3cr3t-pass", "hunter22"):
@@ -594,7 +551,7 @@ def test_the_trajectory_on_disk_holds_no_secret(serve, tmp_path: Path, monkeypat
 def test_a_lone_surrogate_round_trips_through_the_trajectory(tmp_path: Path):
     """A model's JSON can spell \\ud800, which UTF-8 cannot hold: the record is still written, and
     read back as the same string."""
-    from agent.trajectory import Trajectory, read_trajectory
+    from agent.trajectory import read_trajectory
 
     trajectory = Trajectory(tmp_path / "trajectory.jsonl")
     trajectory.write({"type": "run", "issue": "x"})
