@@ -12,7 +12,7 @@ try:
     import typer
     from typer.core import TyperOption
 
-    from agent.cli import bench, cache, ci, config, fix, model, pack, prompt, runs
+    from agent.cli import bench, cache, ci, config, fix, model, pack, prompt, runs, serve
     from agent.cli import eval as eval_cmd
 except KeyboardInterrupt:
     raise SystemExit(130) from None
@@ -59,6 +59,7 @@ def _main(show_version: bool = typer.Option(False, "--version", callback=_versio
 app.command("fix")(fix.fix_cmd)
 app.command("replay")(fix.replay_cmd)
 app.command("pack")(pack.pack_cmd)
+app.command("serve")(serve.serve_cmd)
 app.add_typer(model.app, name="model")
 app.add_typer(prompt.app, name="prompt")
 app.add_typer(config.app, name="config")
