@@ -329,6 +329,17 @@ class Checkpoint:
             self._handles[file] = safe_open(str(file), framework="pt")
         return self._handles[file].get_tensor(name)
 
+    def raw_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows (`dim` 0) or columns (`dim` 1) start:stop of a tensor as stored, read from the
+        memory-mapped shard without reading the rest (a rank's part, runtime.distributed)."""
+        if name not in self._files:
+            raise KeyError(f"no tensor {name!r} in checkpoint {self.path}")
+        file = self._files[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt")
+        part = self._handles[file].get_slice(name)
+        return part[start:stop] if dim == 0 else part[:, start:stop]
+
     def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The logical (dequantized) tensor in ``dtype``; ``tid2eid`` stays int64."""
         if name not in self.inventory or _is_scale(name, self.inventory):

@@ -1,0 +1,218 @@
+"""Tensor and expert parallelism on CPU gloo: real process groups launched by torchrun (or, where a
+test must watch one rank fail, by plain subprocesses with torchrun's environment), on the tiny
+checkpoint. Every parallel layout must give the single-process logits in exact precision,
+the same greedy tokens and the same session results; a rank that dies or hangs must end
+the job with an error naming the failure, not a hang.
+
+Run as a module, this file is the worker each rank runs (`python -m tests.test_distributed ...`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = 140  # crosses the 128-token alignment, so persistence saves a segment
+GENERATE = 6
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(2, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def script(model, cache_root: Path) -> dict:
+    """What every rank (and the single-process model) computes; compared value by value."""
+    from runtime.session import SamplingParams, Session
+
+    prompt, more = _tokens(PROMPT, 1), _tokens(5, 2)
+    out: dict = {"logits": model(torch.tensor([prompt[:40]]), chunk_size=16)[0]}
+    s = Session(model, chunk_size=64)
+    s.extend(prompt)
+    out["prompt_logits"] = s.last_logits
+    out["greedy"] = list(s.generate(GENERATE, SamplingParams(temperature=0)))
+    f = s.fork()
+    f.extend(more)
+    out["fork_logits"] = f.last_logits
+    s.rewind(PROMPT - 3)
+    s.extend(prompt[-3:])
+    out["rewind_logits"] = s.last_logits
+    warnings: list[str] = []
+    first = Session(model, chunk_size=64, persist=True, cache_root=cache_root, warn=warnings.append)
+    first.extend(prompt)
+    again = Session(model, chunk_size=64, persist=True, cache_root=cache_root, warn=warnings.append)
+    again.extend(prompt)
+    out["persisted_cached"], out["persisted_logits"] = again.cached_tokens, again.last_logits
+    out["foreign_key_warnings"] = sum("another compatibility key" in w for w in warnings)
+    return out
+
+
+def worker(checkpoint: str, out_dir: str, tp: int, ep: int, mode: str, timeout_s: float) -> None:
+    from runtime.distributed import comm, shard
+
+    rank, _ = comm.init(timeout_s=timeout_s)
+    model = shard.load(checkpoint, tp=tp or None, ep=ep or None)
+    out = Path(out_dir)
+    (out / f"report{rank}.json").write_text(json.dumps(asdict(model.report)))
+    if mode == "run":
+        result = script(model, out / "prefix")
+        if rank == 0:
+            torch.save(result, out / "result.pt")
+        return
+    (out / f"loaded{rank}").touch()
+    if rank == 1:  # the test kills (die) or ignores (hang) this rank from here on
+        time.sleep(3600)
+    try:
+        model(torch.tensor([_tokens(8, 3)]))
+    except comm.RankFailure as e:
+        (out / "error.txt").write_text(str(e))
+        raise SystemExit(3)
+
+
+def torchrun(world: int, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+           "-m", "tests.test_distributed", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def single(checkpoint_dir, tmp_path_factory):
+    """The single-process results; its persisted prefixes are left in the shared cache root,
+    where the parallel runs must not use them (another layout, another key)."""
+    from runtime import load
+
+    root = tmp_path_factory.mktemp("dist")
+    result = script(load(checkpoint_dir("tiny", 0)), root / "prefix")
+    return result, root
+
+
+LAYOUTS = {"tp2": (2, 2, 1), "ep2": (2, 1, 2), "tp2_ep4": (4, 2, 4)}
+
+
+@pytest.fixture(scope="module")
+def parallel(checkpoint_dir, single):
+    runs: dict[str, tuple[dict, list[dict]]] = {}
+
+    def run(name: str) -> tuple[dict, list[dict]]:
+        if name not in runs:
+            world, tp, ep = LAYOUTS[name]
+            out = single[1] / name
+            out.mkdir()
+            (out / "prefix").symlink_to(single[1] / "prefix")
+            done = torchrun(world, [str(checkpoint_dir("tiny", 0)), str(out), str(tp), str(ep), "run", "120"])
+            assert done.returncode == 0, done.stderr[-3000:]
+            reports = [json.loads((out / f"report{r}.json").read_text()) for r in range(world)]
+            runs[name] = torch.load(out / "result.pt"), reports
+        return runs[name]
+
+    return run
+
+
+@pytest.mark.parametrize("name", ["tp2", "ep2", pytest.param("tp2_ep4", marks=pytest.mark.slow)])
+def test_parallel_equals_single(parallel, single, name):
+    expected = single[0]
+    got, reports = parallel(name)
+    for key in ("logits", "prompt_logits", "fork_logits", "rewind_logits", "persisted_logits"):
+        diff = (got[key] - expected[key]).abs().max().item()
+        assert diff <= 1e-5, f"{name} {key}: max |diff| {diff}"
+    assert got["greedy"] == expected["greedy"]
+    # the parallel run saved and reused its own prefix, and saw the single-process one as foreign
+    assert got["persisted_cached"] == expected["persisted_cached"] == 128
+    assert got["foreign_key_warnings"] >= 1 and expected["foreign_key_warnings"] == 0
+    # each rank read exactly its planned bytes, less than the whole checkpoint
+    for r in reports:
+        assert r["read_bytes"] == r["planned_bytes"] < r["checkpoint_bytes"]
+
+
+def test_layout_plan_splits_what_it_says(checkpoint_dir):
+    """The plan's pieces tile the split tensors exactly once across a group, and replicate the rest."""
+    from runtime.checkpoint import inventory
+    from runtime.distributed.layout import make_layout, weight_slices
+    from tests.conftest import CONFIGS
+
+    config = CONFIGS["tiny"]
+    plans = [weight_slices(make_layout(4, r, config, 2, 4), config) for r in range(4)]
+    inv = inventory(config)
+    for name in plans[0].keys() | plans[3].keys():
+        held = [p[name] for p in plans if name in p]
+        if ".experts." in name:
+            assert len(held) == 1 and held[0].whole  # one owner per routed expert
+        elif name in ("embed.weight", "head.weight") or (name.split(".")[-3:-1] in
+                                                          (["attn", "wq_b"], ["attn", "wo_a"], ["attn", "wo_b"])):
+            spans = sorted((p.span.start, p.span.stop) for p in held[:2])  # one tp group: ranks 0, 1
+            assert spans[0][0] == 0 and spans[0][1] == spans[1][0]
+            assert spans[1][1] == inv[name].logical_shape[held[0].dim]
+        elif ".shared_experts." not in name and not name.endswith("attn_sink"):
+            assert all(p.whole for p in held) and len(held) == 4
+
+
+def test_mismatched_layouts_refused(checkpoint_dir):
+    from runtime.distributed.layout import LayoutError, make_layout
+    from tests.conftest import CONFIGS
+
+    config = CONFIGS["tiny"]
+    with pytest.raises(LayoutError, match="must divide the world size 4"):
+        make_layout(4, 0, config, tp=3)
+    with pytest.raises(LayoutError, match="o_groups=2"):
+        make_layout(4, 0, config, tp=4)
+    with pytest.raises(LayoutError, match="n_routed_experts=8"):
+        make_layout(3, 0, config, tp=1, ep=3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_ranks(world: int, args: list[str]) -> list[subprocess.Popen]:
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.test_distributed", *args], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+@pytest.mark.parametrize("how", ["die", "hang"])
+def test_lost_rank_ends_the_job_with_an_error(checkpoint_dir, tmp_path, how):
+    """Rank 1 is killed (die) or stops answering (hang) while rank 0 is in a forward: rank 0 stops
+    with RankFailure, within the 5 s timeout for a hang, at once for a death."""
+    procs = _spawn_ranks(2, [str(checkpoint_dir("tiny", 0)), str(tmp_path), "2", "1", "fail", "5"])
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "loaded1").exists():
+            assert time.monotonic() < deadline and procs[1].poll() is None, procs[1].communicate()[1][-2000:]
+            time.sleep(0.2)
+        if how == "die":
+            procs[1].send_signal(signal.SIGKILL)
+        started = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert procs[0].returncode == 3, err[-2000:]
+    message = (tmp_path / "error.txt").read_text()
+    assert "among ranks [0, 1] failed on rank 0: a rank died or did not answer within 5 s" in message
+    assert took < 30
+
+
+if __name__ == "__main__":
+    checkpoint, out_dir, tp, ep, mode, timeout_s = sys.argv[1:7]
+    worker(checkpoint, out_dir, int(tp), int(ep), mode, float(timeout_s))
