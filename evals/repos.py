@@ -8,7 +8,16 @@ Where a repository comes from, first that has the commit:
    files always give the same hash), which is how the bundled mini set ships without repos;
 4. otherwise a mirror clone from GitHub into the cache.
 
-Work trees are `git clone --shared` of the source (objects borrowed, nothing copied).
+Work trees hold the base commit's history and nothing else, as the official harness's images do
+since SWE-bench issue #465 (agents ran `git log --all` and found the fix): HEAD detached at the
+base commit, the tags that point into its history, no remote, no branch; `git log` and
+`git blame` work, and no object a later commit added can be listed or read. A fresh repository
+per instance, filled without copying a whole history each time: a repository's history is cut
+along the base's first-parent line into shared packs, cached and reused by every instance whose
+base lies above them (`history_packs`), and only the last few commits are packed per instance.
+A shared pack is named by its top commit, the first-parent ancestor of the base at a depth p that
+a step divides, and holds what that commit has and the one a step below it has not: so it holds
+nothing that is not in the history of every base that uses it.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from evals.cache import evals_cache, locked
@@ -31,6 +41,10 @@ _SDIST_COMMIT_ENV = {
     "GIT_AUTHOR_DATE": "2000-01-01T00:00:00+0000", "GIT_COMMITTER_NAME": "v4agent evals",
     "GIT_COMMITTER_EMAIL": "evals@v4agent.invalid", "GIT_COMMITTER_DATE": "2000-01-01T00:00:00+0000",
 }
+# First-parent commits per shared history pack: large ones, then smaller ones up to the base, so an
+# instance packs fewer than 100 commits itself and has at most depth/4000 + 13 packs (git starts
+# repacking at 50).
+HISTORY_STEPS = (4000, 1000, 100)  # each divides the one before: a top's depth says its step
 _NO_CONVERSION = ["-c", "core.autocrlf=false", "-c", "core.safecrlf=false", "-c", "core.filemode=true",
                   "-c", "commit.gpgsign=false"]
 
@@ -79,6 +93,42 @@ def sdist_commit(repo: Path, archive: Path, ref: str) -> str:
     return commit
 
 
+def history_tops(source: Path, commit: str, steps: Sequence[int]) -> list[tuple[str, str | None]]:
+    """The (top, bottom) commits of the shared packs `commit`'s history is cut into, oldest first:
+    first-parent ancestors of `commit` at depths that are multiples of a step, each pack the
+    objects of top not reachable from bottom (None: the first pack, from the root)."""
+    line = git("rev-list", "--first-parent", commit, cwd=source).split()  # newest first
+    depths: list[int] = []
+    for step in steps:
+        at = depths[-1] if depths else 0
+        while at + step <= len(line):
+            at += step
+            depths.append(at)
+    tops = [line[len(line) - depth] for depth in depths]
+    return list(zip(tops, [None, *tops]))  # each pack starts where the one before it ends
+
+
+def _git_stdin(*args: str, lines: Sequence[str], cwd: Path) -> None:
+    done = subprocess.run(["git", *args], cwd=cwd, input="".join(line + "\n" for line in lines), capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        raise EvalError(f"git {args[0]} failed in {cwd}: {done.stderr.strip()[-2000:]}")
+
+
+def write_pack(source: Path, revisions: Sequence[str], into: Path) -> None:
+    """Pack the objects of `revisions` (rev-list arguments: `top`, `^bottom`, tag objects) from
+    the repository `source` into the object folder `into` (a .pack and its .idx)."""
+    (into / "pack").mkdir(parents=True, exist_ok=True)
+    _git_stdin("pack-objects", "--revs", "--quiet", str(into / "pack" / "pack"), lines=revisions, cwd=source)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system (the cache and --out apart)
+        shutil.copyfile(source, target)
+
+
 class RepoStore:
     """Finds or makes a git repository holding an instance's base commit."""
 
@@ -124,10 +174,49 @@ class RepoStore:
         if not has_commit(mirror, instance.base_commit):
             raise EvalError(f"{instance.instance_id}: commit {instance.base_commit} not found in {instance.repo}")
 
-    def checkout(self, instance: Instance, dest: Path) -> Path:
-        """A fresh work tree of the repository at the base commit, at `dest`."""
+    def history_packs(self, instance: Instance, source: Path) -> tuple[list[Path], str | None]:
+        """The object folders of the shared packs below the base commit (built once, under a lock,
+        then only read) and the top of the last one (None: there is none)."""
+        folders = []
+        chain = history_tops(source, instance.base_commit, HISTORY_STEPS)
+        for top, bottom in chain:
+            folder = self.cache / "history" / instance.repo_key / top
+            if not folder.is_dir():
+                with locked(folder):
+                    if not folder.is_dir():  # a finished pack appears at once, by a rename
+                        with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+                            write_pack(source, [top, *([f"^{bottom}"] if bottom else [])], Path(tmp) / "objects")
+                            (Path(tmp) / "objects").rename(folder)
+            folders.append(folder)
+        return folders, chain[-1][0] if chain else None
+
+    def checkout(self, instance: Instance, dest: Path, *, self_contained: bool = False) -> Path:
+        """A fresh work tree at the base commit, at `dest`, with the base's history only.
+
+        The shared packs are borrowed (git alternates: the sandbox and the grading container
+        show them read-only), or with `self_contained` hard-linked (copied across file systems)
+        into the tree's own object folder: the agent's tree, which `v4agent fix` clones in turn
+        and whose sandbox shows only the objects that copy borrows directly. Never hard-linked
+        for grading: handing that tree's .git to the sandbox's uid would hand it the cache's
+        files too."""
         shutil.rmtree(dest, ignore_errors=True)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        git("clone", "--quiet", "--shared", "--no-checkout", str(self.source(instance)), str(dest), cwd=dest.parent)
+        source = self.source(instance)
+        git("init", "--quiet", str(dest), cwd=dest.parent)
+        objects = dest / ".git" / "objects"
+        shared, last = self.history_packs(instance, source)
+        if self_contained:
+            for folder in shared:
+                for file in (folder / "pack").iterdir():
+                    _link_or_copy(file, objects / "pack" / file.name)
+        elif shared:
+            (objects / "info" / "alternates").write_text("".join(f"{folder}\n" for folder in shared))
+        # the tags of the base's history (as the official images keep them: versions from git describe)
+        listed = git("for-each-ref", f"--merged={instance.base_commit}", "--format=%(objectname) %(refname)",
+                     "refs/tags", cwd=source)
+        tags = [line.split(" ", 1) for line in listed.splitlines()]
+        write_pack(source, [instance.base_commit, *([f"^{last}"] if last else []), *(name for name, _ in tags)],
+                   objects)
+        _git_stdin("update-ref", "--stdin", lines=[f"create {ref} {name}" for name, ref in tags], cwd=dest)
         git("checkout", "--quiet", "--detach", instance.base_commit, cwd=dest)
         return dest

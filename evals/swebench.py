@@ -105,7 +105,8 @@ def run_instance(instance: Instance, cfg: RunConfig) -> dict[str, Any]:
     outcome = Outcome(None)
     started = time.monotonic()
     try:
-        worktree = cfg.store.checkout(instance, work / "agent") if cfg.agent.needs_worktree else None
+        worktree = (cfg.store.checkout(instance, work / "agent", self_contained=True) if cfg.agent.needs_worktree
+                    else None)
         outcome = cfg.agent.solve(instance, worktree, folder)
         timings["agent_s"] = round(time.monotonic() - started, 2)
         if outcome.predicted:

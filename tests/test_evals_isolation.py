@@ -8,13 +8,19 @@
   FAIL_TO_PASS test: the script's git commands work in the sandbox, so the test file is reset
   and the real test patch applied, and the rewrite does not count;
 - the v4 agent (the real `v4agent fix`, scripted) cannot read the gold patches of evals/data
-  even where its sandbox shows the installation that holds them (as site-packages would)."""
+  even where its sandbox shows the installation that holds them (as site-packages would);
+- the agent cannot see the future: in its tree, in the copy `v4agent fix` makes of it, and in the
+  sandbox the model's commands run in, git lists and reads the base commit's history only (not
+  the fix, a later tag or branch, or a later base's shared packs), and `git log` works there; the
+  grading tree, where a prediction's code runs, holds no more."""
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import socket
+import subprocess
 import sys
 import textwrap
 import uuid
@@ -22,9 +28,15 @@ from pathlib import Path
 
 import pytest
 
-from evals import swebench
+from agent.workspace import Workspace
+from evals import repos, swebench
 from evals.agents import OracleAgent, V4Agent
+from evals.instances import parse_instance
+from evals.proc import git
+from evals.sandbox import Bind
+from evals.sandbox import run as run_sandboxed
 from tests.test_evals_swebench import F2P, TESTS, calc  # noqa: F401 - the fixture
+from tools import sandbox
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,3 +201,120 @@ def test_what_counts_as_test_infrastructure(tmp_path):
                                "tests/runtests.py", "tests/test_a.py", "tox.ini"]
     kept = without_files(cheat, flagged)
     assert "diff --git a/x.py b/x.py" in kept and "conftest" not in kept and "setup.cfg" not in kept
+
+
+# --- the future is out of the agent's reach -------------------------------------------------------
+
+_IDENTITY = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+             "GIT_COMMITTER_EMAIL": "t@t"}
+# Every way git lists or reads what it holds: refs, reflogs, every object and its contents, dangling ones.
+PROBES = ("git log --all --reflog --format='%H %B'; git rev-list --all --objects; "
+          "git cat-file --batch-all-objects --batch; git for-each-ref; git fsck --unreachable --no-reflogs; "
+          "git fsck --lost-found; git tag -n9; git branch -a; git stash list")
+
+
+def _commit(repo: Path, files: dict[str, str], message: str) -> str:
+    for name, text in files.items():
+        (repo / name).write_text(text)
+    git("add", "--all", cwd=repo)
+    git("commit", "--quiet", "-m", message, cwd=repo, env=_IDENTITY)
+    return git("rev-parse", "HEAD", cwd=repo).strip()
+
+
+@pytest.fixture
+def future(tmp_path: Path, monkeypatch):
+    """A mirror whose history goes on after the base: the fix (a secret in a new file, the commit
+    message, a tag and a branch), then a later base. First-parent depth of the base: 7, with a
+    merged side branch; shared packs every 4 and 2 commits (4, 6 for the base; 4, 8 for the later
+    one: the pack at 8 holds the fix)."""
+    monkeypatch.setattr(repos, "HISTORY_STEPS", (4, 2))
+    work = tmp_path / "upstream"
+    work.mkdir()
+    git("init", "--quiet", "--initial-branch=main", cwd=work)
+    _commit(work, {"a.py": "a = 1\n"}, "one")
+    git("tag", "-a", "v0.1", "-m", "first release", cwd=work, env=_IDENTITY)
+    git("checkout", "--quiet", "-b", "side", cwd=work)
+    _commit(work, {"side.py": "side = 1\n"}, "side work")
+    git("checkout", "--quiet", "main", cwd=work)
+    _commit(work, {"a.py": "a = 2\n"}, "two")
+    git("merge", "--quiet", "--no-ff", "-m", "merge side", "side", cwd=work, env=_IDENTITY)
+    for n in range(4, 8):
+        base = _commit(work, {"a.py": f"a = {n}\n"}, f"commit {n}")
+    fix = _commit(work, {"secret.py": "ANSWER = 'FUTURE-BLOB'\n", "a.py": "a = 'fixed'\n"}, "FUTURE-MESSAGE")
+    git("tag", "-a", "v1.0", "-m", "FUTURE-TAG", cwd=work, env=_IDENTITY)
+    later = _commit(work, {"b.py": "b = 1\n"}, "after the fix")
+    git("checkout", "--quiet", "-b", "feature", fix, cwd=work)
+    branch = _commit(work, {"c.py": "c = 'FUTURE-BRANCH'\n"}, "a branch after the base")
+    source = tmp_path / "source"
+    git("clone", "--quiet", "--mirror", str(work), str(source / "acme__hist.git"), cwd=tmp_path)
+    secrets = [fix, later, branch, "FUTURE", git("rev-parse", f"{fix}:secret.py", cwd=work).strip(),
+               git("rev-parse", "v1.0", cwd=work).strip()]
+
+    def instance(commit: str):
+        return parse_instance({"instance_id": f"acme__hist-{commit[:7]}", "repo": "acme/hist", "base_commit": commit,
+                               "patch": "", "test_patch": "", "problem_statement": "", "version": "1",
+                               "FAIL_TO_PASS": [], "PASS_TO_PASS": []})
+
+    store = repos.RepoStore(source, tmp_path / "cache")
+    store.checkout(instance(later), tmp_path / "later")  # the pack that holds the fix is in the cache now
+    history = git("rev-list", base, cwd=work).split()
+    line = git("rev-list", "--first-parent", base, cwd=work).split()
+    assert len(line) == 7 and len(history) == 8
+    shared = [line[-4], line[-6], fix]  # the tops at depths 4 and 6 (the base's), 8 (the later base's)
+    return store, instance(base), history, secrets, shared
+
+
+def _assert_past_only(output: str, secrets: list[str]) -> None:
+    assert "refs/tags/v0.1" in output and "first release" in output  # the probes did run
+    for secret in secrets:
+        assert secret not in output
+
+
+@pytest.mark.parametrize("self_contained", [True, False], ids=["agent", "grading"])
+def test_a_work_tree_holds_the_base_history_only(future, tmp_path, self_contained):
+    store, instance, history, secrets, shared = future
+    tree = store.checkout(instance, tmp_path / "tree", self_contained=self_contained)
+    done = subprocess.run(["bash", "-c", PROBES], cwd=tree, capture_output=True, text=True, errors="replace",
+                          check=False)
+    _assert_past_only(done.stdout + done.stderr, secrets)
+    assert "error" not in done.stderr and "missing" not in done.stdout  # every object of the history is there
+    assert git("log", "--format=%H", cwd=tree).split() == history
+    assert git("for-each-ref", "--format=%(refname)", cwd=tree).split() == ["refs/tags/v0.1"]
+    assert subprocess.run(["git", "cat-file", "-e", secrets[0]], cwd=tree, check=False).returncode != 0
+    assert (tmp_path / "tree" / ".git" / "objects" / "info" / "alternates").exists() != self_contained
+    packs = (store.cache / "history" / "acme__hist").iterdir()
+    assert sorted(p.name for p in packs if p.is_dir()) == sorted(shared)  # the one at 4 is shared
+
+
+@pytest.mark.skipif(not sandbox.available(), reason="bubblewrap is not installed or cannot sandbox here")
+def test_the_models_commands_see_the_base_history_only(future, tmp_path):
+    """As the model's commands run: in the sandbox, on the copy `v4agent fix` makes of the
+    agent's tree (which borrows that tree's objects). Before, the copy borrowed a tree that
+    borrowed the mirror: the future was listed on the host, and inside git failed outright."""
+    store, instance, history, secrets, _ = future
+    tree = store.checkout(instance, tmp_path / "agent", self_contained=True)
+    copy = Workspace.create(tree, tmp_path / "run" / "work")
+    command = sandbox.command(copy.root, ["bash", "-c", PROBES + "; echo LOG; git log --format=%H"],
+                              {"PATH": "/usr/bin:/bin"})
+    try:
+        done = subprocess.run(command.argv, env=command.env, pass_fds=command.pass_fds, capture_output=True,
+                              text=True, errors="replace", timeout=120, check=False)
+    finally:
+        command.close()
+    _assert_past_only(done.stdout + done.stderr, secrets)
+    assert done.stdout.split("LOG\n")[1].split() == history, done.stderr
+    off = subprocess.run(["bash", "-c", PROBES], cwd=copy.root, capture_output=True, text=True,
+                         errors="replace", check=False)  # as with --sandbox off
+    _assert_past_only(off.stdout + off.stderr, secrets)
+
+
+@pytest.mark.skipif(not sandbox.available(), reason="bubblewrap is not installed or cannot sandbox here")
+def test_a_predictions_code_sees_the_base_history_only_when_graded(future, tmp_path):
+    """The grader's sandbox (its .git writable, the shared packs read-only): a prediction that
+    looked for the fix in git while its tests run would find nothing."""
+    store, instance, history, secrets, _ = future
+    tree = store.checkout(instance, tmp_path / "eval")
+    done = run_sandboxed(Bind(tree, "/testbed"), ["bash", "-c", PROBES + "; echo LOG; git log --format=%H"],
+                         env={"PATH": "/usr/bin:/bin"}, timeout=120, writable_git=True)
+    _assert_past_only(done.output, secrets)
+    assert done.output.split("LOG\n")[1].split() == history, done.output
