@@ -91,9 +91,14 @@ def serve_cmd(
                f"{'API key required' if api_key else 'no API key'})", err=True)
     engine.start()
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[listener])
+        # uvicorn stops on Ctrl-C or SIGTERM, then raises the signal again: that is the normal end.
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")).run(
+            sockets=[listener])
+    except KeyboardInterrupt:
+        pass
     finally:
         engine.close()
+    typer.echo("stopped", err=True)
 
 
 def _loopback(host: str) -> bool:

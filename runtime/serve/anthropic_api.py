@@ -3,8 +3,8 @@
 Request fields read: model, max_tokens (required), system (a string or text blocks), messages
 (user: text and tool_result blocks; assistant: thinking, redacted_thinking, text and tool_use
 blocks), tools (name, description, input_schema), tool_choice (auto or none), thinking
-({"type": "enabled"|"adaptive"} -> think-high, or think-max with a budget_tokens of 32,768 and
-more; "disabled" or absent -> non-think), stop_sequences, temperature, top_p, top_k, stream.
+({"type": "enabled"|"adaptive"} -> think-high, or think-max with output_config.effort xhigh or
+max, or without an effort a budget_tokens of 32,768 and more; "disabled" or absent -> non-think), stop_sequences, temperature, top_p, top_k, stream.
 Image and document blocks are refused. Other fields are ignored.
 
 The answer: thinking block, text block, tool_use blocks, in the order the model writes them;
@@ -23,7 +23,7 @@ from typing import Any
 
 from runtime.dsml import ContentDelta, ReasoningDelta
 from runtime.serve.chat import (ApiError, Call, CallArguments, CallStarted, Chat, Message, Progress, Result,
-                                Sampling, function_tool, get, tool_choice)
+                                Sampling, function_tool, get, think_mode, tool_choice)
 from runtime.serve.openai_api import stop_strings, text_content
 from runtime.serve.toolcalls import new_call_id
 
@@ -102,6 +102,9 @@ def _think(body: Mapping[str, Any]) -> str:
         return "none"
     if kind not in ("enabled", "adaptive"):
         raise ApiError(400, "thinking.type must be enabled, adaptive or disabled", param="thinking.type")
+    effort = get(get(body, "output_config", dict, default={}), "effort", str, "output_config")
+    if effort:
+        return "max" if think_mode(effort, "output_config.effort") == "max" else "high"
     budget = get(thinking, "budget_tokens", int, "thinking", 0)
     return "max" if budget >= MAX_BUDGET else "high"
 

@@ -152,7 +152,7 @@ class _Builder:
                 out["error"] = {"code": "server_error", "message": result.error}
         return out
 
-    def _close(self) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _close(self, status: str = "completed") -> Iterator[tuple[str, dict[str, Any]]]:
         item, self.open = self.open, None
         if item is None:
             return
@@ -166,7 +166,7 @@ class _Builder:
             yield "response.content_part.done", {**ref, "content_index": 0, "part": part}
         else:
             yield "response.function_call_arguments.done", {**ref, "name": item["name"], "arguments": item["arguments"]}
-        item["status"] = "completed"
+        item["status"] = status
         yield "response.output_item.done", {"output_index": index, "item": item}
 
     def _add(self, item: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -204,8 +204,8 @@ class _Builder:
         elif isinstance(event, CallDone):
             yield from self._close()
         elif isinstance(event, Result):
-            yield from self._close()
             status = "failed" if event.error else "incomplete" if event.finish == "length" else "completed"
+            yield from self._close("incomplete" if status == "incomplete" else "completed")
             yield f"response.{status}", {"response": self.response(status, event)}
 
 
@@ -219,8 +219,8 @@ def response_body(result: Result, chat: Chat, body: Mapping[str, Any]) -> dict[s
     for event in events:
         for _ in builder.feed(event):
             pass
-    status = "incomplete" if result.finish == "length" else "completed"
-    return builder.response(status, result)
+    *_, (_, last) = builder.feed(result)
+    return last["response"]
 
 
 async def stream_events(events: AsyncIterator[Any], chat: Chat, body: Mapping[str, Any]) -> AsyncIterator[str]:
