@@ -155,6 +155,20 @@ def kernels_cmd(
     print_result(result, as_json)
 
 
+@app.command("distributed")
+def distributed_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of lines."),
+) -> None:
+    """Tensor + expert parallel under torchrun (1, 2, 4 ranks) against one process, on a tiny checkpoint."""
+    from runtime.distributed.bench import bench_distributed
+
+    try:
+        result = bench_distributed()
+    except RuntimeError as e:
+        raise fail(str(e)) from None
+    print_result(result, as_json)
+
+
 @app.command("sandbox")
 def sandbox_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of lines."),

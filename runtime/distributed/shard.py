@@ -30,6 +30,7 @@ class ShardReport:
     read_bytes: int
     planned_bytes: int
     held_bytes: int
+    planned_held_bytes: int
     checkpoint_bytes: int
 
 
@@ -87,16 +88,32 @@ def load(path: str | Path, precision: str = "exact", device: str | torch.device 
     with torch.device("meta"):
         model = ShardedModel(ck.config, precision)
     model.layout, model.groups = layout, groups
+    planned_held = planned_held_bytes(model, layout)  # from the meta model, before it is filled
     read = _fill(model, ck, layout, precision, device)
     planned = planned_bytes(layout, ck.config, precision)
-    if read != planned:  # the plan and the reads disagree: a bug here, not the user's
-        raise LayoutError(f"rank {rank} read {read} checkpoint bytes, the plan says {planned}")
     held = sum(t.nbytes for t in model.state_dict().values())
+    if (read, held) != (planned, planned_held):  # the plan and the load disagree: a bug here, not the user's
+        raise LayoutError(f"rank {rank} read {read} checkpoint bytes and holds {held}; the plan says {planned} "
+                          f"and {planned_held}")
     total = sum(spec.nbytes for spec in ck.inventory.values())
-    model.report = ShardReport(rank, read, planned, held, total)
+    model.report = ShardReport(rank, read, planned, held, planned_held, total)
     model.identity = f"checkpoint:{identity}:layout={layout.key()}"
     _wire(model, layout, groups)
     return model.eval()
+
+
+def planned_held_bytes(full: Model, layout: Layout) -> int:
+    """The bytes this layout's rank will hold, from a whole model on the meta device (its buffers
+    say how each tensor is held: dequantized in which dtype, or quantized as stored)."""
+    plan = weight_slices(layout, full.config, full.precision)
+    total = 0
+    for name, buf in full.state_dict().items():
+        # a quantization scale goes with its weight (packed FP4/FP8 experts, held whole or not at all)
+        logical = name.removesuffix("scale") + "weight" if buf.dtype == torch.float8_e8m0fnu else name
+        part = plan.get(logical)
+        if part is not None:
+            total += buf.nbytes if part.whole else buf.nbytes // buf.shape[part.dim] * len(part.span)
+    return total
 
 
 def _wire(model: ShardedModel, layout: Layout, groups: comm.Groups) -> None:

@@ -1,0 +1,105 @@
+"""`v4agent bench distributed`: the parallel model against the single-process one, under torchrun.
+
+On a tiny checkpoint (written once into a temporary directory) it launches 1, 2 and 4 ranks
+with `python -m torch.distributed.run` (gloo on CPUs, NCCL on GPUs) and reports, per world
+size: the largest logit difference from the single-process model in exact precision, each
+rank's checkpoint bytes over the total, the bytes each rank hands to collectives per decoded
+token (per layer for the attention and MoE all-reduces, per token for embedding and head),
+and the decode step time relative to one rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT, DECODE = 48, 16
+
+
+def _prompt() -> torch.Tensor:
+    return torch.randint(2, 512, (PROMPT,), generator=torch.Generator().manual_seed(0))
+
+
+def worker(checkpoint: str, out: str, tp: int, ep: int) -> None:
+    """One rank: logits of the prompt, then DECODE greedy steps timed and their traffic counted."""
+    from runtime.distributed import comm, shard
+
+    rank, world = comm.init()
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    model = shard.load(checkpoint, device=device, tp=tp or None, ep=ep or None)
+    state = model.new_state()
+    logits = model.extend(state, _prompt(), logits="all").logits.cpu()
+    token = int(logits[-1].argmax())
+    comm.traffic.clear()
+    steps = []
+    for _ in range(DECODE):
+        started = time.perf_counter()
+        token = int(model.extend(state, torch.tensor([token])).logits[0].argmax())
+        steps.append(time.perf_counter() - started)
+    traffic = dict(comm.traffic)
+    reports = comm.gather_objects(model.report.__dict__, "reports")
+    if rank == 0:
+        torch.save(logits, Path(out) / "logits.pt")
+        layers = model.config.num_hidden_layers
+        Path(out, "result.json").write_text(json.dumps({
+            "world": world, "tp": model.layout.tp, "ep": model.layout.ep,
+            "step_s_median": sorted(steps)[len(steps) // 2],
+            "bytes_per_token_per_layer": (traffic.get("attention", 0) + traffic.get("moe", 0)) / DECODE / layers,
+            "bytes_per_token_embedding_and_head": (traffic.get("embedding", 0) + traffic.get("head", 0)) / DECODE,
+            "reports": reports,
+        }))
+
+
+def _launch(world: int, checkpoint: Path, out: Path, threads: int) -> dict:
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+           "-m", "runtime.distributed.bench", str(checkpoint), str(out), "0", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    if done.returncode:
+        raise RuntimeError(f"{world} ranks failed: {done.stderr.strip()[-2000:]}")
+    return json.loads((out / "result.json").read_text())
+
+
+def bench_distributed(worlds: tuple[int, ...] = (1, 2, 4)) -> dict:
+    from runtime import load
+    from runtime.checkpoint import make_tiny
+    from runtime.config import tiny_config
+
+    with tempfile.TemporaryDirectory(prefix="v4agent-bench-dist-") as tmp:
+        checkpoint = make_tiny(Path(tmp) / "tiny", tiny_config())
+        single = load(checkpoint)
+        expected = single.extend(single.new_state(), _prompt(), logits="all").logits
+        runs = {}
+        # the same threads per rank at every world size (more than the cores would slow the
+        # big worlds down for no reason of their own)
+        threads = max(1, (os.cpu_count() or 1) // max(worlds))
+        for world in worlds:
+            result = _launch(world, checkpoint, Path(tmp) / f"world{world}", threads)
+            diff = (torch.load(Path(tmp) / f"world{world}" / "logits.pt") - expected).abs().max().item()
+            total = result["reports"][0]["checkpoint_bytes"]
+            runs[str(world)] = {
+                "tp": result["tp"], "ep": result["ep"],
+                "max_logit_diff_vs_single": diff,
+                "weight_bytes_over_total_per_rank": [r["read_bytes"] / total for r in result["reports"]],
+                "bytes_per_decoded_token_per_layer": result["bytes_per_token_per_layer"],
+                "bytes_per_decoded_token_embedding_and_head": result["bytes_per_token_embedding_and_head"],
+                "decode_step_s": result["step_s_median"],
+            }
+    one = runs.get("1", {}).get("decode_step_s")
+    for world, run in runs.items():
+        if one:
+            run["step_time_ratio_vs_1_rank"] = run["decode_step_s"] / one
+    return {"checkpoint": "tiny_config() (4 layers, hidden 256, 4 heads, 8 experts, vocab 129,280), exact",
+            "backend": "nccl" if torch.cuda.is_available() else "gloo", "prompt": PROMPT, "decoded": DECODE,
+            "cpu_count": os.cpu_count(), "threads_per_rank": threads, "worlds": runs}
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
