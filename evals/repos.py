@@ -108,9 +108,9 @@ def history_tops(source: Path, commit: str, steps: Sequence[int]) -> list[tuple[
     return list(zip(tops, [None, *tops]))  # each pack starts where the one before it ends
 
 
-def _git_stdin(*args: str, lines: Sequence[str], cwd: Path) -> None:
+def _git_stdin(*args: str, lines: Sequence[str], cwd: Path, env: dict[str, str] | None = None) -> None:
     done = subprocess.run(["git", *args], cwd=cwd, input="".join(line + "\n" for line in lines), capture_output=True,
-                          text=True, check=False)
+                          text=True, env=env, check=False)
     if done.returncode != 0:
         raise EvalError(f"git {args[0]} failed in {cwd}: {done.stderr.strip()[-2000:]}")
 
@@ -119,7 +119,11 @@ def write_pack(source: Path, revisions: Sequence[str], into: Path) -> None:
     """Pack the objects of `revisions` (rev-list arguments: `top`, `^bottom`, tag objects) from
     the repository `source` into the object folder `into` (a .pack and its .idx)."""
     (into / "pack").mkdir(parents=True, exist_ok=True)
-    _git_stdin("pack-objects", "--revs", "--quiet", str(into / "pack" / "pack"), lines=revisions, cwd=source)
+    objects = git("rev-parse", "--path-format=absolute", "--git-path", "objects", cwd=source).strip()
+    # git writes the pack beside its object folder first, then renames it: `into` is that folder (the
+    # source's objects read as alternates), so the rename never crosses file systems
+    env = {**os.environ, "GIT_OBJECT_DIRECTORY": str(into), "GIT_ALTERNATE_OBJECT_DIRECTORIES": objects}
+    _git_stdin("pack-objects", "--revs", "--quiet", str(into / "pack" / "pack"), lines=revisions, cwd=source, env=env)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -22,6 +22,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import uuid
 from pathlib import Path
@@ -318,3 +319,21 @@ def test_a_predictions_code_sees_the_base_history_only_when_graded(future, tmp_p
                          env={"PATH": "/usr/bin:/bin"}, timeout=120, writable_git=True)
     _assert_past_only(done.output, secrets)
     assert done.output.split("LOG\n")[1].split() == history, done.output
+
+
+def test_the_agents_tree_stands_alone_whichever_file_system_the_cache_is_on(future, tmp_path):
+    """Its packs are hard links into the cache, or copies when the cache is on another file system
+    (/dev/shm here): never alternates, which the copy `fix` makes would borrow at second hand."""
+    store, instance, history, _, _ = future
+    same = store.checkout(instance, tmp_path / "same", self_contained=True)
+    linked = [p.stat().st_nlink > 1 for p in (same / ".git" / "objects" / "pack").glob("*.pack")]
+    assert sorted(linked) == [False, True, True]  # its own pack, and the two shared ones
+    if not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no other file system to put the cache on")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as elsewhere:
+        apart = repos.RepoStore(store.repo_source, Path(elsewhere))
+        tree = apart.checkout(instance, tmp_path / "apart", self_contained=True)
+        assert len(list(Path(elsewhere, "history", "acme__hist").glob("*/pack/*.pack"))) == 2
+    packs = list((tree / ".git" / "objects" / "pack").glob("*.pack"))
+    assert len(packs) == 3 and all(p.stat().st_nlink == 1 for p in packs)
+    assert git("log", "--format=%H", cwd=tree).split() == history
