@@ -58,15 +58,16 @@ class Settings:
     sandbox_uid: int = 65000  # the unprivileged uid commands run as when v4agent runs as root
     sandbox_paths: str = ""  # more read-only paths for the sandbox, separated by ":" (e.g. a venv)
     run_timeout_s: float = 300.0
-    memory_mb: int = 8192  # per process of a command
+    memory_mb: int = 8192  # a command's processes together, and each one
     max_processes: int = 512  # per command
     max_file_mb: int = 1024  # the largest file a command may write
     tmp_mb: int = 1024  # the sandbox's private /tmp
+    max_disk_mb: int = 2048  # how much one command may grow the work tree on disk
 
 
 CHOICE_FIELDS = ("think", "effort_profile", "reasoning_fields", "sandbox")
 _POSITIVE = ("max_turns", "max_turn_tokens", "context_limit", "timeout_s", "run_timeout_s", "sandbox_uid", "memory_mb",
-             "max_processes", "max_file_mb", "tmp_mb")
+             "max_processes", "max_file_mb", "tmp_mb", "max_disk_mb")
 _NON_NEGATIVE = ("max_total_tokens", "retries", "temperature")
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 DEFAULT = "default"  # the source of a value nobody set

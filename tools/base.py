@@ -44,10 +44,11 @@ class Settings:
     sandbox: str = "on"  # "on": every command in the sandbox, none without it; "off": unconfined
     sandbox_uid: int = 65000  # the unprivileged uid commands run as when v4agent runs as root
     sandbox_paths: tuple[str, ...] = ()  # more read-only paths the sandbox shows (e.g. the project's venv)
-    memory_mb: int = 8192  # per process of a command (RLIMIT_DATA)
-    max_processes: int = 512  # processes and threads of a command (RLIMIT_NPROC)
+    memory_mb: int = 8192  # a command's processes together (cgroup) and each one (RLIMIT_DATA)
+    max_processes: int = 512  # processes and threads of a command (cgroup; else RLIMIT_NPROC)
     max_file_mb: int = 1024  # the largest file a command may write (RLIMIT_FSIZE)
     tmp_mb: int = 1024  # the sandbox's private /tmp
+    max_disk_mb: int = 2048  # how much one command may grow the work tree on disk
 
 
 @dataclass(frozen=True)

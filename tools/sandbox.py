@@ -21,9 +21,11 @@ Both load the same seccomp filter (BLOCKED_SYSCALLS, and clone with any namespac
 refuses mount, namespaces, ptrace, keyrings, bpf and kernel modules even where a kernel would
 allow them to an unprivileged user.
 
-Limits (both sandboxed and unconfined commands): rlimits set by prlimit — address space for data
-(RLIMIT_DATA), processes (RLIMIT_NPROC, counted per uid), the size of any one file written
-(RLIMIT_FSIZE), no core dumps — and the size of the private /tmp.
+Limits (both sandboxed and unconfined commands): the command's own cgroup where one can be made
+(tools.cgroups: the memory of all its processes together, their number), rlimits set by prlimit
+— data and anonymous memory of each process (RLIMIT_DATA), the size of any one file written
+(RLIMIT_FSIZE), no core dumps, and processes (RLIMIT_NPROC, counted per uid) where there is no
+cgroup — and the size of the private /tmp.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from tools import cgroups
 
 # Read-only system directories; merged-/usr symlinks (/bin -> usr/bin) stay symlinks.
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt")
@@ -73,9 +77,10 @@ class SandboxUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-command limits. memory_mb: data segment and anonymous memory of each process;
-    processes: processes and threads of the sandbox's uid; file_mb: the largest file a command
-    may write; tmp_mb: the size of the private /tmp."""
+    """Per-command limits. memory_mb: the memory of the command's processes together (its
+    cgroup), and the data segment and anonymous memory of each; processes: processes and threads
+    of the command (its cgroup; without one, of the sandbox's uid); file_mb: the largest file a
+    command may write; tmp_mb: the size of the private /tmp."""
 
     memory_mb: int = 8192
     processes: int = 512
@@ -92,12 +97,18 @@ def interpreter_dirs() -> list[Path]:
     return sorted(d for d in dirs if d.is_dir() and not d.is_relative_to("/usr"))
 
 
-def limit_argv(limits: Limits, uid: int) -> list[str]:
-    """prlimit's command line for `limits`. RLIMIT_NPROC counts every process of a uid, so a
-    uid that also runs other things gets its current count on top."""
+def limit_argv(limits: Limits, uid: int, group: cgroups.Group | None = None) -> list[str]:
+    """The prefix that runs a command under `limits`: into `group` (its cgroup, if it has one),
+    then prlimit. RLIMIT_DATA stays with a cgroup too: no one process may take more than the
+    whole command anyway, and a single hog then fails an allocation it can report rather than
+    being killed. RLIMIT_NPROC goes: pids.max counts exactly the command's processes, where
+    RLIMIT_NPROC counts every process of a uid (all sandboxes running at once share one), so
+    without a cgroup a uid that also runs other things gets its current count on top."""
+    argv = [_which("prlimit"), f"--data={limits.memory_mb << 20}", f"--fsize={limits.file_mb << 20}", "--core=0"]
+    if group is not None:
+        return [*group.argv(), *argv, "--"]
     processes = limits.processes + (0 if uid != os.geteuid() or uid == 0 else _process_count(uid))
-    return [_which("prlimit"), f"--nproc={processes}", f"--data={limits.memory_mb << 20}",
-            f"--fsize={limits.file_mb << 20}", "--core=0", "--"]
+    return [*argv, f"--nproc={processes}", "--"]
 
 
 def _process_count(uid: int) -> int:
@@ -185,9 +196,10 @@ def borrowed_objects(root: Path) -> list[Path]:
 
 def command(root: Path, argv: Sequence[str], env: dict[str, str], *, limits: Limits = Limits(), uid: int = 65000,
             extra: Iterable[Path] = (), at: str | None = None, binds: Sequence[Bind] = (),
-            writable_git: bool = False) -> Command:
-    """`argv` confined to the work tree `root` with `limits`; `uid` is the unprivileged uid the
-    command runs as when v4agent runs as root. Raises SandboxUnavailable.
+            writable_git: bool = False, group: cgroups.Group | None = None) -> Command:
+    """`argv` confined to the work tree `root` with `limits`, in the cgroup `group` when given;
+    `uid` is the unprivileged uid the command runs as when v4agent runs as root. Raises
+    SandboxUnavailable.
 
     For the eval harness only (the agent's commands use none of these): `at` shows the work tree
     at another path (`/testbed`), where the command starts; `binds` adds paths at targets of
@@ -256,7 +268,8 @@ def command(root: Path, argv: Sequence[str], env: dict[str, str], *, limits: Lim
         environ = {**env, "HOME": HOME, "TMPDIR": "/tmp",
                   # .git belongs to the invoking user, not to the sandbox's uid: let git read it
                   "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory", "GIT_CONFIG_VALUE_0": str(inside)}
-        return Command(limit_argv(limits, uid if as_root else os.geteuid()) + args + list(argv), tuple(fds), environ)
+        return Command(limit_argv(limits, uid if as_root else os.geteuid(), group) + args + list(argv), tuple(fds),
+                       environ)
     except BaseException:
         for fd in fds:
             os.close(fd)

@@ -537,7 +537,7 @@ def tool_settings_of(settings: Settings) -> ToolSettings:
                         sandbox_uid=settings.sandbox_uid,
                         sandbox_paths=tuple(p for p in settings.sandbox_paths.split(":") if p),
                         memory_mb=settings.memory_mb, max_processes=settings.max_processes,
-                        max_file_mb=settings.max_file_mb, tmp_mb=settings.tmp_mb)
+                        max_file_mb=settings.max_file_mb, tmp_mb=settings.tmp_mb, max_disk_mb=settings.max_disk_mb)
 
 
 def check_sandbox(settings: Settings, console: Console) -> None:
