@@ -119,10 +119,10 @@ def write_pack(source: Path, revisions: Sequence[str], into: Path) -> None:
     """Pack the objects of `revisions` (rev-list arguments: `top`, `^bottom`, tag objects) from
     the repository `source` into the object folder `into` (a .pack and its .idx)."""
     (into / "pack").mkdir(parents=True, exist_ok=True)
-    objects = git("rev-parse", "--path-format=absolute", "--git-path", "objects", cwd=source).strip()
-    # git writes the pack beside its object folder first, then renames it: `into` is that folder (the
+    objects = (source / git("rev-parse", "--git-common-dir", cwd=source).strip()).resolve() / "objects"
+    # git writes the pack in its object folder first, then renames it: `into` is that folder (the
     # source's objects read as alternates), so the rename never crosses file systems
-    env = {**os.environ, "GIT_OBJECT_DIRECTORY": str(into), "GIT_ALTERNATE_OBJECT_DIRECTORIES": objects}
+    env = {**os.environ, "GIT_OBJECT_DIRECTORY": str(into), "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(objects)}
     _git_stdin("pack-objects", "--revs", "--quiet", str(into / "pack" / "pack"), lines=revisions, cwd=source, env=env)
 
 
