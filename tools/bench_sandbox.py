@@ -2,7 +2,8 @@
 
 Runs `true` through the run tool, alternately sandboxed and unconfined (so machine noise hits
 both alike), in a scratch work tree that is a shared git clone as `fix` makes, and reports the
-mean and median milliseconds of each and the overhead.
+mean and median milliseconds of each, the overhead, and what bounds each command's memory and
+processes here (`limits`: a cgroup per command, or rlimits only; tools.cgroups).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tools import sandbox
+from tools import cgroups, sandbox
 from tools.base import Settings
 from tools.registry import call
 
@@ -52,7 +53,7 @@ def run(repeats: int = 50) -> dict[str, Any]:
         for _ in range(repeats):
             times["sandboxed"].append(_time_one(root, on))
             times["unconfined"].append(_time_one(root, off))
-    result: dict[str, Any] = {"repeats": repeats}
+    result: dict[str, Any] = {"repeats": repeats, "limits": cgroups.mechanism()}
     for name, values in times.items():
         result[f"{name}_mean_ms"] = round(statistics.fmean(values), 2)
         result[f"{name}_median_ms"] = round(statistics.median(values), 2)
