@@ -18,7 +18,7 @@ mark prefill progress.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from runtime.dsml import ContentDelta, ReasoningDelta
@@ -147,15 +147,13 @@ def parse_request(body: Mapping[str, Any]) -> Chat:
 
 # ---- the answer -------------------------------------------------------------------------------
 
-def _stop(result: Result, stops: Sequence[str]) -> tuple[str, str | None]:
+def _stop(result: Result) -> tuple[str, str | None]:
     """(stop_reason, stop_sequence)."""
     if result.finish == "tool_calls":
         return "tool_use", None
     if result.finish == "length":
         return "max_tokens", None
-    text = result.content or result.reasoning
-    hit = next((s for s in stops if text.endswith(s)), None)
-    return ("stop_sequence", hit) if hit else ("end_turn", None)
+    return ("stop_sequence", result.stop_sequence) if result.stop_sequence else ("end_turn", None)
 
 
 def _usage(result: Result) -> dict[str, Any]:
@@ -164,7 +162,7 @@ def _usage(result: Result) -> dict[str, Any]:
             "cache_creation_input_tokens": 0, "output_tokens": u.completion_tokens}
 
 
-def response_body(result: Result, model: str, stops: Sequence[str]) -> dict[str, Any]:
+def response_body(result: Result, model: str) -> dict[str, Any]:
     content: list[dict[str, Any]] = []
     if result.reasoning:
         content.append({"type": "thinking", "thinking": result.reasoning, "signature": ""})
@@ -172,7 +170,7 @@ def response_body(result: Result, model: str, stops: Sequence[str]) -> dict[str,
         content.append({"type": "text", "text": result.content})
     for call in result.calls:
         content.append({"type": "tool_use", "id": call.id, "name": call.name, "input": json.loads(call.arguments)})
-    reason, sequence = _stop(result, stops)
+    reason, sequence = _stop(result)
     return {"id": new_call_id("msg_"), "type": "message", "role": "assistant", "model": model, "content": content,
             "stop_reason": reason, "stop_sequence": sequence, "usage": _usage(result)}
 
@@ -181,7 +179,7 @@ def _event(name: str, data: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps({'type': name, **data}, ensure_ascii=False)}\n\n"
 
 
-async def stream_events(events: AsyncIterator[Any], model: str, stops: Sequence[str] = ()) -> AsyncIterator[str]:
+async def stream_events(events: AsyncIterator[Any], model: str) -> AsyncIterator[str]:
     """Anthropic's SSE sequence for the service's events. A block opens at its first delta and
     closes when another kind begins; a tool_use block streams its input as input_json_delta."""
     message = {"id": new_call_id("msg_"), "type": "message", "role": "assistant", "model": model, "content": [],
@@ -230,7 +228,7 @@ async def stream_events(events: AsyncIterator[Any], model: str, stops: Sequence[
                 yield "".join(out)
                 yield _event("error", error_body(ApiError(500, event.error)))
                 return
-            reason, sequence = _stop(event, stops)
+            reason, sequence = _stop(event)
             out.append(_event("message_delta", {"delta": {"stop_reason": reason, "stop_sequence": sequence},
                                                 "usage": _usage(event)}))
             out.append(_event("message_stop", {}))

@@ -247,6 +247,7 @@ class Result:
     finish: str
     usage: Usage
     error: str | None = None
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
 
 @dataclass
@@ -265,8 +266,9 @@ class Assembler:
     gets no CallDone and is left out of the Result.
     """
 
-    def __init__(self, tokenizer: Any, thinking: bool, calls: ToolCallMap, id_prefix: str = "call_") -> None:
-        self.thinking = thinking
+    def __init__(self, tokenizer: Any, thinking: bool, calls: ToolCallMap, id_prefix: str = "call_",
+                 stops: Sequence[str] = ()) -> None:
+        self.thinking, self.stops = thinking, stops
         self._parser = DsmlParser(think=thinking, tokenizer=tokenizer)
         self._map, self._prefix = calls, id_prefix
         self._eos = tokenizer.token_to_id(EOS)
@@ -288,7 +290,12 @@ class Assembler:
             self._map.remember([c.id for c in self._done], SampledTurn(
                 array("I", tokens), self.thinking, message.reasoning, message.content,
                 tuple((c.name, arguments_value(c.arguments)) for c in self._done)))
-        return events, Result(message.reasoning, message.content, list(self._done), reason, usage, error)
+        stop = None
+        if reason == "stop" and self.tokens[-1:] != [self._eos]:
+            # The engine stopped on a stop string: the token that completed it is the last one.
+            text = message.reasoning + message.content
+            stop = next((s for s in self.stops if s in text[-len(s) - 256:]), None)
+        return events, Result(message.reasoning, message.content, list(self._done), reason, usage, error, stop)
 
     def _convert(self, events: list[Any]) -> list[Any]:
         out: list[Any] = []

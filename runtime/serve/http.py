@@ -169,13 +169,12 @@ def create_app(service: Service, *, api_key: str | None = None, cors_origins: Se
         chat = anthropic_api.parse_request(body)
         generation = await service.start(chat, anthropic_api.ID_PREFIX)
         if chat.stream:
-            return stream(generation, request, anthropic_api.stream_events(generation.events(), service.model_name,
-                                                                      chat.stop))
+            return stream(generation, request, anthropic_api.stream_events(generation.events(), service.model_name))
         result = await generation.result_of(request.is_disconnected)
         _note(request, result)
         if result.error:
             raise ApiError(500, result.error, "api_error")
-        return JSONResponse(anthropic_api.response_body(result, service.model_name, chat.stop))
+        return JSONResponse(anthropic_api.response_body(result, service.model_name))
 
     async def count_tokens(request: Request, body: dict[str, Any]) -> Response:
         chat = anthropic_api.parse_request({**body, "max_tokens": 1})

@@ -89,7 +89,7 @@ class Service:
             handle = self.engine.submit(request)
         except ValueError as e:
             raise ApiError(400, str(e)) from None
-        return Generation(handle, Assembler(self.tokenizer, chat.think != "none", self.calls, id_prefix),
+        return Generation(handle, Assembler(self.tokenizer, chat.think != "none", self.calls, id_prefix, chat.stop),
                           self.keepalive_s)
 
 
