@@ -221,7 +221,7 @@ def test_anthropic_stream_is_the_documented_event_sequence(tokenizer):
                          if e["type"] == "content_block_delta" and e["index"] == 3)
     assert json.loads(tool_input) == {"command": "pytest -q", "timeout": 30}
     assert events[-2]["delta"]["stop_reason"] == "tool_use"
-    body = anthropic_api.response_body(result, "m", ())
+    body = anthropic_api.response_body(result, "m")
     assert [b["type"] for b in body["content"]] == ["thinking", "text", "tool_use", "tool_use"]
     assert body["content"][3]["id"] == result.calls[1].id and body["stop_reason"] == "tool_use"
 
@@ -240,3 +240,338 @@ def test_responses_stream_items_match_the_whole_response(tokenizer):
     strip = lambda items: [{k: v for k, v in i.items() if k != "id"} for i in items]  # noqa: E731
     assert strip(whole) == strip(final)
     assert final[3]["call_id"] == result.calls[1].id and json.loads(final[3]["arguments"])["timeout"] == 30
+
+
+# ---- the server, for real: uvicorn on 127.0.0.1, the engine on a tiny checkpoint ---------------
+KEY = "sk-serve-test"
+MODEL = "tiny-v4"
+LIMIT = 4096
+
+
+class Serving:
+    """An ASGI app under uvicorn in a thread of this process, on a free port of 127.0.0.1."""
+
+    def __init__(self, app) -> None:
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [listener]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert self.server.started
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+class Running(Serving):
+    """The server on the engine on a tiny checkpoint: its URL, engine and service."""
+
+    def __init__(self, checkpoint, tokenizer, **app_options) -> None:
+        from runtime import load
+        from runtime.serve.engine import Engine
+        from runtime.serve.http import create_app
+        from runtime.serve.service import Service
+
+        self.engine = Engine(load(checkpoint), detokenize=tokenizer.decode, max_running=4, context_limit=LIMIT)
+        self.engine.start()
+        self.service = Service(self.engine, tokenizer, MODEL, LIMIT, keepalive_s=0.05)
+        super().__init__(create_app(self.service, **app_options))
+
+    def close(self) -> None:
+        super().close()
+        self.engine.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from runtime.checkpoint import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("serve") / "tiny-v4")
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    running = Running(tiny, load_tokenizer(tiny), api_key=KEY)
+    yield running
+    running.close()
+
+
+def openai_client(server, key: str = KEY):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def anthropic_client(server, key: str = KEY):
+    import anthropic
+
+    return anthropic.Anthropic(base_url=server.url, api_key=key, max_retries=0, timeout=120)
+
+
+def http(server, method: str, path: str, **kwargs):
+    import httpx
+
+    return httpx.request(method, server.url + path, timeout=120, **kwargs)
+
+
+CHAT = [{"role": "system", "content": "You fix bugs."}, {"role": "user", "content": "add(2, 3) returns -1"}]
+
+
+def test_models_health_and_the_api_key_on_every_endpoint(server):
+    assert [m.id for m in openai_client(server).models.list()] == [MODEL]
+    for path in ("/health", "/metrics", "/v1/models"):
+        assert http(server, "GET", path, headers={"x-api-key": KEY}).status_code == 200
+        refused = http(server, "GET", path, headers={"Authorization": "Bearer sk-wrong"})
+        assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+    refused = http(server, "POST", "/v1/messages", json={})
+    assert refused.status_code == 401 and refused.json()["type"] == "error"  # Anthropic's shape
+    import openai
+
+    with pytest.raises(openai.AuthenticationError):
+        openai_client(server, "sk-wrong").chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2)
+    assert "access-control-allow-origin" not in http(server, "GET", "/health", headers={
+        "x-api-key": KEY, "Origin": "https://evil.example"}).headers  # CORS is off
+
+    metrics = http(server, "GET", "/metrics", headers={"x-api-key": KEY}).text
+    assert 'v4agent_requests_total{path="/v1/models",status="401"}' in metrics
+    assert "v4agent_engine_running 0" in metrics and "v4agent_engine_tokens_per_s" in metrics
+
+
+def test_cors_only_for_the_origins_asked_for(server):
+    from runtime.serve.http import create_app
+
+    other = Serving(create_app(server.service, api_key=KEY, cors_origins=["https://app.example"]))
+    try:
+        preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key"}
+        allowed = http(other, "OPTIONS", "/v1/chat/completions", headers={"Origin": "https://app.example", **preflight})
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+        denied = http(other, "OPTIONS", "/v1/chat/completions", headers={"Origin": "https://evil.example", **preflight})
+        assert "access-control-allow-origin" not in denied.headers
+        assert http(other, "GET", "/v1/models", headers={"Origin": "https://app.example"}).status_code == 401
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("path, payload, status, message", [
+    ("/v1/chat/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/chat/completions", b"[1, 2]", 400, "must be a JSON object"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "max_tokens": "many"}, 400, "max_tokens must be"),
+    ("/v1/chat/completions", {"model": "gpt-5", "messages": CHAT}, 404, "not served here"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "word " * 5000}]}, 400,
+     "context limit"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": "not a schema"}}]}, 400, "JSON schema object"),
+    ("/v1/messages", {"model": MODEL, "messages": CHAT[1:]}, 400, "max_tokens is required"),
+    ("/v1/messages", {"model": "claude-x", "max_tokens": 5, "messages": CHAT[1:]}, 404, "not served here"),
+    ("/v1/responses", {"model": MODEL, "input": 5}, 400, "input must be"),
+    ("/v1/nowhere", {}, 404, "Not Found"),
+])
+def test_bad_input_is_a_shaped_4xx_and_the_server_lives_on(server, path: str, payload, status: int, message: str):
+    content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    answer = http(server, "POST", path, content=content, headers={"x-api-key": KEY, "Content-Type": "application/json"})
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert message in error["message"] and "Traceback" not in answer.text
+    if path == "/v1/messages":
+        assert answer.json()["type"] == "error" and error["type"] in ("invalid_request_error", "not_found_error")
+    assert http(server, "GET", "/health", headers={"x-api-key": KEY}).status_code == 200
+
+
+def test_chat_completions_streamed_and_not_agree(server, tiny, caplog: pytest.LogCaptureFixture):
+    caplog.set_level("INFO", logger="v4agent.serve")
+    client = openai_client(server)
+    tools = [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}]
+    whole = client.chat.completions.create(model=MODEL, messages=CHAT, tools=tools, max_tokens=6, temperature=0,
+                                           extra_body={"thinking": {"type": "disabled"}})
+    messages = [m.encoding() for m in openai_api.parse_request({"model": MODEL, "messages": CHAT}).messages]
+    messages[0]["tools"] = tools
+    prompt = PromptEncoder(load_tokenizer(tiny), PromptSettings(think="none")).encode(messages)
+    usage = whole.usage
+    assert usage.prompt_tokens == len(prompt) and 1 <= usage.completion_tokens <= 6
+    assert usage.prompt_tokens_details.cached_tokens >= 0
+    choice = whole.choices[0]
+    assert choice.finish_reason in ("length", "stop", "tool_calls")
+
+    stream = client.chat.completions.create(model=MODEL, messages=CHAT, tools=tools, max_tokens=6, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"thinking": {"type": "disabled"}})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == (choice.message.content or "")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].usage.completion_tokens == usage.completion_tokens
+    lines = [r.getMessage() for r in caplog.records if '"POST /v1/chat/completions" 200' in r.getMessage()]
+    assert len(lines) == 2 and all(f"prompt={len(prompt)} " in line for line in lines)  # one per request
+
+    # Think-high: what the model writes first is reasoning.
+    thought = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, temperature=0,
+                                             reasoning_effort="high")
+    assert thought.choices[0].message.model_extra.get("reasoning_content") or thought.choices[0].message.content
+
+
+def test_anthropic_messages_streamed_and_not_agree(server):
+    client = anthropic_client(server)
+    request = dict(model=MODEL, max_tokens=6, system="You fix bugs.", extra_body={"temperature": 0.0},
+                   thinking={"type": "enabled", "budget_tokens": 1024},
+                   messages=[{"role": "user", "content": "add(2, 3) returns -1"}],
+                   tools=[{"name": "read_file", "input_schema": {"type": "object"}}])
+    whole = client.messages.create(**request)
+    assert whole.usage.output_tokens >= 1 and whole.stop_reason in ("max_tokens", "end_turn", "tool_use")
+    with client.messages.stream(**request) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "message_delta" in kinds
+    assert [b.model_dump() for b in final.content] == [b.model_dump() for b in whole.content]
+    assert final.stop_reason == whole.stop_reason and final.usage.output_tokens == whole.usage.output_tokens
+
+    # Greedy again with a stop string from that answer: it ends there, and says so.
+    written = whole.content[0].thinking if whole.content[0].type == "thinking" else whole.content[0].text
+    stop = written.strip()[1:4]
+    stopped = client.messages.create(**request, stop_sequences=[stop])
+    assert (stopped.stop_reason, stopped.stop_sequence) == ("stop_sequence", stop)
+    assert stopped.usage.output_tokens < whole.usage.output_tokens or written.strip().endswith(stop)
+    counted = client.messages.count_tokens(model=MODEL, system="You fix bugs.", messages=request["messages"],
+                                           thinking=request["thinking"], tools=request["tools"])
+    assert counted.input_tokens == whole.usage.input_tokens + whole.usage.cache_read_input_tokens
+
+
+def test_responses_streamed_and_not_agree(server):
+    client = openai_client(server)
+    request = dict(model=MODEL, instructions="You fix bugs.", input="add(2, 3) returns -1", max_output_tokens=6,
+                   temperature=0, reasoning={"effort": "high"},
+                   tools=[{"type": "function", "name": "shell", "parameters": {"type": "object"}}])
+    whole = client.responses.create(**request)
+    assert whole.status in ("completed", "incomplete") and whole.usage.output_tokens >= 1
+    with client.responses.stream(**request) as stream:
+        events = list(stream)
+    kinds = [event.type for event in events]
+    # A cut-off answer ends with response.incomplete, as OpenAI's does (the SDK's final response
+    # is only for response.completed): the terminal event carries it either way.
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == f"response.{whole.status}"
+    final = events[-1].response
+    strip = lambda items: [{k: v for k, v in i.model_dump().items() if k != "id"} for i in items]  # noqa: E731
+    assert strip(final.output) == strip(whole.output)
+
+
+def test_an_unknown_tool_call_id_is_a_counted_miss(server):
+    def misses() -> int:
+        text = http(server, "GET", "/metrics", headers={"x-api-key": KEY}).text
+        return int(next(line for line in text.splitlines()
+                        if line.startswith('v4agent_tool_history_misses_total{reason="unknown"}')).split()[-1])
+
+    before = misses()
+    history = [*CHAT, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_made_up", "type": "function", "function": {"name": "read_file", "arguments": '{"path": "a"}'}}]},
+        {"role": "tool", "tool_call_id": "call_made_up", "content": "def add(a, b): return a - b"}]
+    tools = [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}]
+    openai_client(server).chat.completions.create(model=MODEL, messages=history, tools=tools, max_tokens=1)
+    assert misses() == before + 1
+
+
+def test_prefill_keeps_the_stream_alive(server):
+    import httpx
+
+    long_chat = [{"role": "user", "content": "word " * 600}]
+    for path, payload, alive in [
+        ("/v1/chat/completions", {"model": MODEL, "messages": long_chat, "max_tokens": 1, "stream": True}, ": "),
+        ("/v1/messages", {"model": MODEL, "messages": long_chat, "max_tokens": 1, "stream": True}, "event: ping"),
+    ]:
+        with httpx.stream("POST", server.url + path, json=payload, headers={"x-api-key": KEY}, timeout=120) as answer:
+            lines = list(answer.iter_lines())
+        assert answer.status_code == 200 and any(line.startswith(alive) for line in lines), lines[:5]
+
+
+def test_a_client_that_leaves_mid_stream_cancels_its_generation(server):
+    import time
+
+    import httpx
+
+    payload = {"model": MODEL, "messages": CHAT, "max_tokens": 2000, "stream": True, "temperature": 0}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=payload, headers={"x-api-key": KEY},
+                      timeout=120) as answer:
+        for line in answer.iter_lines():
+            if line.startswith("data: ") and "content" in line:
+                break  # the generation runs; now hang up
+    deadline = time.monotonic() + 20
+    while server.engine.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.engine.stats()["running"] == 0  # long before 2000 tokens
+
+
+def test_fix_runs_end_to_end_against_the_server(server, tmp_path, monkeypatch: pytest.MonkeyPatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from agent.cli.fix import fix_cmd
+    from tests.fixtures_agent import isolate, make_repo
+
+    isolate(monkeypatch, tmp_path)
+    monkeypatch.setenv("V4AGENT_API_KEY", KEY)
+    app = typer.Typer()
+    app.command()(fix_cmd)
+    result = CliRunner().invoke(app, ["add is wrong", "--repo", str(make_repo(tmp_path / "repo")), "--endpoint",
+                                      server.url + "/v1", "--model", MODEL, "--context-limit", str(LIMIT),
+                                      "--max-turns", "2", "--max-turn-tokens", "8", "--json"])
+    out = json.loads(result.stdout)
+    assert (out["stop"], out["turns"], out["error"]) == ("max_turns", 2, None), result.stderr
+    assert out["context_limit"] == LIMIT
+    records = [json.loads(line) for line in open(out["trajectory"])]
+    usage = [r["details"]["usage"] for r in records if r["type"] == "turn"]
+    assert [r["details"]["finish_reason"] for r in records if r["type"] == "turn"] == ["length", "length"]
+    assert [u["completion_tokens"] for u in usage] == [8, 8]
+    # Turn 2 holds turn 1 and what the agent said after it.
+    assert usage[1]["prompt_tokens"] > usage[0]["prompt_tokens"] + 8
+    # ... and the engine continued the conversation instead of computing turn 1 again.
+    assert usage[1]["prompt_tokens_details"]["cached_tokens"] >= usage[0]["prompt_tokens"]
+
+
+def serve_command(*args: str):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.Popen([sys.executable, "-c", "from agent.cli import main; main()", "serve", *args],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parent.parent)
+
+
+def test_v4agent_serve_starts_on_loopback_and_stops_on_ctrl_c(tiny, monkeypatch: pytest.MonkeyPatch):
+    import signal
+
+    monkeypatch.setenv("V4AGENT_API_KEY", "sk-from-env")
+    process = serve_command("--weights", str(tiny), "--port", "0", "--device", "cpu", "--precision", "exact")
+    try:
+        line = process.stderr.readline()
+        assert line.startswith(f"serving {tiny.name} on http://127.0.0.1:"), line + process.stderr.read()
+        url = line.split(" on ")[1].split()[0]
+        import httpx
+
+        assert httpx.get(url + "/models", timeout=30).status_code == 401  # the key from the environment holds
+        answer = httpx.get(url + "/models", headers={"Authorization": "Bearer sk-from-env"}, timeout=30)
+        assert answer.json()["data"][0]["id"] == tiny.name
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=30)
+    assert process.returncode == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--weights", "/nonexistent"], "no such directory"),
+    (["--weights", ".", "--device", "tpu"], "--device must be"),
+    (["--weights", ".", "--precision", "fp4"], "--precision must be"),
+    (["--weights", ".", "--host", "203.0.113.1"], "cannot listen on 203.0.113.1"),
+])
+def test_serve_usage_errors_exit_2(args: list[str], message: str):
+    process = serve_command(*args)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 2 and stderr.startswith("error: ") and message in stderr
