@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -154,3 +155,15 @@ def test_max_disk_mb_is_a_setting():
     assert Settings().max_disk_mb == load_settings(environ={"V4AGENT_CONFIG": "/dev/null"}).max_disk_mb == 2048
     with pytest.raises(SettingsError, match="V4AGENT_MAX_DISK_MB must be positive"):
         load_settings(environ={"V4AGENT_MAX_DISK_MB": "0", "V4AGENT_CONFIG": "/dev/null"})
+
+
+def test_the_disk_cap_cannot_be_dodged(root: Path):
+    """Files stamped with an old time, deeper than Python's stack and than a path may be long:
+    still counted (by ctime; a folder the walk cannot read counts the file system's growth)."""
+    hide = ("python3 -c \"import os, time\nfor i in range(2500): os.mkdir('d'); os.chdir('d')\n"
+            "for i in range(100):\n    open(f'f{i}', 'wb').write(bytes(1 << 20)); os.utime(f'f{i}', (0, 0)); "
+            "time.sleep(0.02)\nprint('all written')\"")
+    result = call("run", {"command": hide}, root, settings=Settings(max_disk_mb=20))
+    assert not result.ok and result.output.startswith("[killed: it wrote "), result.output
+    assert "all written" not in result.output
+    subprocess.run(["rm", "-rf", str(root / "d")], check=True)  # too deep for pytest's own clean-up

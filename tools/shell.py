@@ -85,30 +85,39 @@ class DiskWatch:
         grown = self._used() - self.base
         if grown <= self.cap:
             return None
-        written = _changed_bytes(self.root, self.since)
+        written, complete = _changed_bytes(self.root, self.since)
+        if not complete:  # a folder the walk cannot read (the command's own chmod) may hold the rest
+            written = max(written, grown)
         if written > self.cap:
             return written
         self.base += grown - written  # the rest was written elsewhere: walk again only when the tree could be over
         return None
 
 
-def _changed_bytes(folder: Path | str, since: float) -> int:
-    """The disk space of the files under `folder` changed since `since` (symlinks not followed)."""
-    total = 0
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:  # removed meanwhile, or unreadable
-        return 0
-    for entry in entries:
+def _changed_bytes(root: Path, since: float) -> tuple[int, bool]:
+    """The disk space of the files under `root` changed since `since` (symlinks not followed),
+    and whether every folder could be read."""
+    total, complete, folders = 0, True, [str(root)]
+    while folders:  # a stack, not recursion: a command may nest folders deeper than Python's stack
         try:
-            if entry.is_dir(follow_symlinks=False):
-                total += _changed_bytes(entry.path, since)
-            else:
-                st = entry.stat(follow_symlinks=False)
-                total += st.st_blocks * 512 if st.st_ctime >= since else 0
+            entries = list(os.scandir(folders.pop()))
+        except FileNotFoundError:  # removed meanwhile
+            continue
         except OSError:
-            pass
-    return total
+            complete = False
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                else:
+                    st = entry.stat(follow_symlinks=False)
+                    total += st.st_blocks * 512 if st.st_ctime >= since else 0
+            except FileNotFoundError:
+                pass
+            except OSError:
+                complete = False
+    return total, complete
 
 
 class BoundedOutput:
