@@ -365,6 +365,10 @@ def test_cors_only_for_the_origins_asked_for(server):
 @pytest.mark.parametrize("path, payload, status, message", [
     ("/v1/chat/completions", b"{not json", 400, "not valid JSON"),
     ("/v1/chat/completions", b"[1, 2]", 400, "must be a JSON object"),
+    ("/v1/chat/completions", b'{"model": "tiny-v4", "messages": [{"role": "user", "content": "a\\ud800"}]}', 400,
+     "not valid JSON text"),
+    ("/v1/chat/completions", b"[" * 100000, 400, "not valid JSON"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT[:1]}, 400, "must end with a user message"),
     ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "max_tokens": "many"}, 400, "max_tokens must be"),
     ("/v1/chat/completions", {"model": "gpt-5", "messages": CHAT}, 404, "not served here"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "word " * 5000}]}, 400,
@@ -575,3 +579,21 @@ def test_serve_usage_errors_exit_2(args: list[str], message: str):
     process = serve_command(*args)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 2 and stderr.startswith("error: ") and message in stderr
+
+
+def test_concurrent_clients_get_their_solo_answers(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = openai_client(server)
+
+    def ask(n: int, stream: bool) -> str:
+        messages = [{"role": "user", "content": f"question {n}: " + "why " * n}]
+        fields = dict(model=MODEL, messages=messages, max_tokens=4, temperature=0, reasoning_effort="none")
+        if not stream:
+            return client.chat.completions.create(**fields).choices[0].message.content
+        return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**fields, stream=True))
+
+    solo = [ask(n, False) for n in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(ask, range(4), [n % 2 == 0 for n in range(4)]))
+    assert together == solo and len(set(solo)) > 1

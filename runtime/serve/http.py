@@ -104,10 +104,13 @@ async def _json_body(request: Request) -> dict[str, Any]:
         if size > MAX_BODY_BYTES:
             raise ApiError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB", "request_too_large")
         chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(raw)
+        if b"\\ud" in raw.lower():  # a \udXXX escape: a lone surrogate is not text the tokenizer takes
+            json.dumps(body, ensure_ascii=False).encode()
     except (ValueError, RecursionError) as e:
-        raise ApiError(400, f"the body is not valid JSON: {e}") from None
+        raise ApiError(400, f"the body is not valid JSON text: {e}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body
