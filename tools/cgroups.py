@@ -3,11 +3,12 @@ the kernel, and everything left in it killed when the command ends.
 
 Where (`mechanism()` says which is active):
 - "cgroup v2": the caller's own cgroup in a cgroup2 hierarchy with the memory and pids
-  controllers (root on a systemd distribution, a delegated subtree). Commands' cgroups are made
+  controllers (a delegated subtree, a container, a systemd service). Commands' cgroups are made
   inside it, so they stay under whatever limits the caller already has. A cgroup that hands
   controllers to children may hold no process itself ("no internal processes"): when v4agent is
-  the only process in its cgroup it moves into a leaf of its own (`v4agent-PID`) first;
-  when others share it, cgroups are not used.
+  the only process in its cgroup it moves into a leaf of its own (`v4agent-PID`) first; when
+  others share it (a login session's scope), commands' cgroups go into the nearest cgroup above
+  that hands both controllers on and that v4agent may write (root's case), else none is used.
 - "cgroup v1": the caller's cgroups in writable v1 memory and pids hierarchies (hybrid hosts,
   containers that mount them read-write).
 - "rlimits": neither is writable (an unprivileged user on a v1 host); tools.sandbox's
@@ -199,13 +200,27 @@ def _v2() -> Hierarchy:
     missing = set(CONTROLLERS) - set((own / "cgroup.controllers").read_text().split())
     if missing:
         raise CgroupError(errno.ENOENT, f"cgroup2 lacks the {' and '.join(sorted(missing))} controller")
-    if not set(CONTROLLERS) <= set((own / "cgroup.subtree_control").read_text().split()):
-        if (own / "cgroup.procs").read_text().split() == [str(os.getpid())]:
-            leaf = own / f"v4agent-{os.getpid()}"  # v4agent's own place, so `own` may hand on controllers
-            leaf.mkdir(exist_ok=True)
-            (leaf / "cgroup.procs").write_text(str(os.getpid()))
+    if _hands_on(own):
+        return Hierarchy(2, own, CONTROLLERS)
+    if (own / "cgroup.procs").read_text().split() == [str(os.getpid())]:
+        leaf = own / f"v4agent-{os.getpid()}"  # v4agent's own place, so `own` may hand on controllers
+        leaf.mkdir(exist_ok=True)
+        (leaf / "cgroup.procs").write_text(str(os.getpid()))
         (own / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in CONTROLLERS))
-    return Hierarchy(2, own, CONTROLLERS)
+        return Hierarchy(2, own, CONTROLLERS)
+    # Others share v4agent's cgroup (a login session's scope): the nearest cgroup above that
+    # hands both controllers on and that v4agent may write (root may; others rarely).
+    for parent in own.parents:
+        if not parent.is_relative_to(mount[1]):
+            break
+        if _hands_on(parent) and os.access(parent, os.W_OK):
+            return Hierarchy(2, parent, CONTROLLERS)
+    raise CgroupError(errno.EBUSY, "other processes share v4agent's cgroup2 and no cgroup above it may be used")
+
+
+def _hands_on(folder: Path) -> bool:
+    """Whether the cgroup2 `folder` enables both controllers for its children."""
+    return set(CONTROLLERS) <= set((folder / "cgroup.subtree_control").read_text().split())
 
 
 def _v1() -> tuple[Hierarchy, ...]:
