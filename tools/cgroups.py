@@ -57,8 +57,8 @@ class CgroupError(OSError):
 
 @dataclass(frozen=True)
 class Hierarchy:
-    """A place commands' cgroups are made: the caller's cgroup `path` in a hierarchy of cgroup
-    `version` that holds `controllers`."""
+    """A place commands' cgroups are made: the cgroup `path` (the caller's own, or on v2 one
+    above it) in a hierarchy of cgroup `version` that holds `controllers`."""
 
     version: int
     path: Path
