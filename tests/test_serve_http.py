@@ -9,19 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
 from runtime.dsml import ContentDelta, ReasoningDelta
-from runtime.encoding import EOS, PromptEncoder, PromptSettings, render_completion
+from runtime.encoding import PromptEncoder, PromptSettings, render_completion
 from runtime.serve import anthropic_api, openai_api, responses_api
-from runtime.serve.chat import (ApiError, Assembler, CallArguments, CallDone, CallStarted, Result, Usage,
-                                prompt_ids)
+from runtime.serve.chat import (
+    ApiError,
+    Assembler,
+    CallArguments,
+    CallDone,
+    CallStarted,
+    Result,
+    Usage,
+    prompt_ids,
+)
 from runtime.serve.toolcalls import ToolCallMap
 from runtime.tokenizer import load_tokenizer
 
-TOOLS = [{"type": "function", "function": {"name": "read_file", "description": "Read a file.",
-                                           "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}},
+READ_FILE = {"name": "read_file", "description": "Read a file.",
+             "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}
+TOOLS = [{"type": "function", "function": READ_FILE},
          {"type": "function", "function": {"name": "run", "parameters": {"type": "object"}}}]
 ANSWER = {"role": "assistant", "reasoning_content": "Look at calc.py first.", "content": "Reading.",
           "tool_calls": [{"function": {"name": "read_file", "arguments": '{"path": "calc.py"}'}},
@@ -72,7 +82,8 @@ def test_history_renders_as_the_sampled_tokens(tokenizer):
     text = render_completion(ANSWER)
     # Sampled as the model might: the same text in other tokens than the tokenizer's own split.
     cut = text.index("calc.py\"}") if "calc.py\"}" in text else text.index("calc.py")
-    sampled = tokenizer.encode(text[:cut]) + [tokenizer.token_to_id(c) for c in "calc"] + tokenizer.encode(text[cut + 4:])
+    split = [tokenizer.token_to_id(c) for c in "calc"]
+    sampled = tokenizer.encode(text[:cut]) + split + tokenizer.encode(text[cut + 4:])
     assert tokenizer.decode(sampled) == text and sampled != tokenizer.encode(text)
     _, result = sample(tokenizer, calls, sampled)
 
@@ -237,7 +248,7 @@ def test_responses_stream_items_match_the_whole_response(tokenizer):
     done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
     assert done == final and [i["type"] for i in final] == ["reasoning", "message", "function_call", "function_call"]
     whole = responses_api.response_body(result, chat, {})["output"]
-    strip = lambda items: [{k: v for k, v in i.items() if k != "id"} for i in items]  # noqa: E731
+    strip = lambda items: [{k: v for k, v in i.items() if k != "id"} for i in items]
     assert strip(whole) == strip(final)
     assert final[3]["call_id"] == result.calls[1].id and json.loads(final[3]["arguments"])["timeout"] == 30
 
@@ -463,7 +474,7 @@ def test_responses_streamed_and_not_agree(server):
     # is only for response.completed): the terminal event carries it either way.
     assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == f"response.{whole.status}"
     final = events[-1].response
-    strip = lambda items: [{k: v for k, v in i.model_dump().items() if k != "id"} for i in items]  # noqa: E731
+    strip = lambda items: [{k: v for k, v in i.model_dump().items() if k != "id"} for i in items]
     assert strip(final.output) == strip(whole.output)
 
 
@@ -529,7 +540,7 @@ def test_fix_runs_end_to_end_against_the_server(server, tmp_path, monkeypatch: p
     out = json.loads(result.stdout)
     assert (out["stop"], out["turns"], out["error"]) == ("max_turns", 2, None), result.stderr
     assert out["context_limit"] == LIMIT
-    records = [json.loads(line) for line in open(out["trajectory"])]
+    records = [json.loads(line) for line in Path(out["trajectory"]).read_text().splitlines()]
     usage = [r["details"]["usage"] for r in records if r["type"] == "turn"]
     assert [r["details"]["finish_reason"] for r in records if r["type"] == "turn"] == ["length", "length"]
     assert [u["completion_tokens"] for u in usage] == [8, 8]
@@ -542,7 +553,6 @@ def test_fix_runs_end_to_end_against_the_server(server, tmp_path, monkeypatch: p
 def serve_command(*args: str):
     import subprocess
     import sys
-    from pathlib import Path
 
     return subprocess.Popen([sys.executable, "-c", "from agent.cli import main; main()", "serve", *args],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -588,7 +598,7 @@ def test_concurrent_clients_get_their_solo_answers(server):
 
     def ask(n: int, stream: bool) -> str:
         messages = [{"role": "user", "content": f"question {n}: " + "why " * n}]
-        fields = dict(model=MODEL, messages=messages, max_tokens=4, temperature=0, reasoning_effort="none")
+        fields = {"model": MODEL, "messages": messages, "max_tokens": 4, "temperature": 0, "reasoning_effort": "none"}
         if not stream:
             return client.chat.completions.create(**fields).choices[0].message.content
         return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**fields, stream=True))

@@ -31,9 +31,10 @@ def serve_cmd(
                                           help="Allow browser requests from this origin (repeatable); CORS is off "
                                                "otherwise."),
     max_running: int = typer.Option(8, "--max-running", help="Sequences decoded together in one batch."),
-    persist: bool = typer.Option(False, "--persist", help="Save KV prefixes to the on-disk prefix cache and reuse them."),
-    model_name: str | None = typer.Option(None, "--model-name",
-                                          help="The model name clients ask for. \\[default: the weights' directory name]"),
+    persist: bool = typer.Option(False, "--persist",
+                                 help="Save KV prefixes to the on-disk prefix cache and reuse them."),
+    model_name: str | None = typer.Option(
+        None, "--model-name", help="The model name clients ask for. \\[default: the weights' directory name]"),
     effort_profile: str = typer.Option("preview", "--effort-profile", metavar="<preview|v2>",
                                        help="Which release's effort prefixes the prompts carry (docs/encoding.md)."),
 ) -> None:

@@ -4,8 +4,9 @@ Request fields read: model, max_tokens (required), system (a string or text bloc
 (user: text and tool_result blocks; assistant: thinking, redacted_thinking, text and tool_use
 blocks), tools (name, description, input_schema), tool_choice (auto or none), thinking
 ({"type": "enabled"|"adaptive"} -> think-high, or think-max with output_config.effort xhigh or
-max, or without an effort a budget_tokens of 32,768 and more; "disabled" or absent -> non-think), stop_sequences, temperature, top_p, top_k, stream.
-Image and document blocks are refused. Other fields are ignored.
+max, or without an effort a budget_tokens of 32,768 and more; "disabled" or absent -> non-think),
+stop_sequences, temperature, top_p, top_k, stream. Image and document blocks are refused. Other
+fields are ignored.
 
 The answer: thinking block, text block, tool_use blocks, in the order the model writes them;
 stop_reason end_turn, tool_use, max_tokens or stop_sequence; usage with input_tokens (not
@@ -22,8 +23,21 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from runtime.dsml import ContentDelta, ReasoningDelta
-from runtime.serve.chat import (ApiError, Call, CallArguments, CallStarted, Chat, Message, Progress, Result,
-                                Sampling, function_tool, get, think_mode, tool_choice)
+from runtime.serve.chat import (
+    ApiError,
+    Call,
+    CallArguments,
+    CallStarted,
+    Chat,
+    Message,
+    Progress,
+    Result,
+    Sampling,
+    function_tool,
+    get,
+    think_mode,
+    tool_choice,
+)
 from runtime.serve.openai_api import stop_strings, text_content
 from runtime.serve.toolcalls import new_call_id
 
@@ -213,7 +227,8 @@ async def stream_events(events: AsyncIterator[Any], model: str) -> AsyncIterator
         elif isinstance(event, ContentDelta):
             if open_kind != "text":
                 out += start("text", {"type": "text", "text": ""})
-            out.append(_event("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": event.text}}))
+            delta = {"type": "text_delta", "text": event.text}
+            out.append(_event("content_block_delta", {"index": index, "delta": delta}))
         elif isinstance(event, CallStarted):
             out += start(("call", event.index), {"type": "tool_use", "id": event.id, "name": event.name, "input": {}})
         elif isinstance(event, CallArguments) and open_kind == ("call", event.index):

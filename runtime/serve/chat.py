@@ -19,11 +19,31 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.dsml import (ContentDelta, DsmlParser, End, ParameterComplete, ReasoningDelta, ToolCallComplete,
-                          ToolCallStarted)
-from runtime.encoding import (ASSISTANT, EOS, THINK_CLOSE, EncodingError, PromptEncoder, PromptSettings,
-                              render_prompt, to_json)
-from runtime.serve.toolcalls import SampledTurn, ToolCallMap, arguments_value, new_call_id
+from runtime.dsml import (
+    ContentDelta,
+    DsmlParser,
+    End,
+    ParameterComplete,
+    ReasoningDelta,
+    ToolCallComplete,
+    ToolCallStarted,
+)
+from runtime.encoding import (
+    ASSISTANT,
+    EOS,
+    THINK_CLOSE,
+    EncodingError,
+    PromptEncoder,
+    PromptSettings,
+    render_prompt,
+    to_json,
+)
+from runtime.serve.toolcalls import (
+    SampledTurn,
+    ToolCallMap,
+    arguments_value,
+    new_call_id,
+)
 
 
 class ApiError(Exception):
@@ -321,5 +341,5 @@ class Assembler:
                 self._done.append(done)
                 out += [CallArguments(event.index, piece), CallDone(event.index, done)]
             elif not isinstance(event, End):
-                raise AssertionError(f"unexpected parser event {event!r}")
+                raise TypeError(f"unexpected parser event {event!r}")
         return out

@@ -27,7 +27,12 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -239,8 +244,8 @@ def metrics_text(service: Service, counts: Counter[tuple[str, int]]) -> str:
     calls = service.calls
     lines += ["# HELP v4agent_tool_history_hits_total assistant turns sent back and spliced in as sampled",
               "# TYPE v4agent_tool_history_hits_total counter", f"v4agent_tool_history_hits_total {calls.hits}",
-              "# HELP v4agent_tool_history_misses_total assistant turns with tool calls rendered canonically "
-              "(unknown ids, or changed since sampled)",
+              ("# HELP v4agent_tool_history_misses_total assistant turns with tool calls rendered canonically "
+               "(unknown ids, or changed since sampled)"),
               "# TYPE v4agent_tool_history_misses_total counter"]
     lines += [f'v4agent_tool_history_misses_total{{reason="{k}"}} {v}' for k, v in calls.misses.items()]
     lines += ["# TYPE v4agent_tool_history_tokens gauge", f"v4agent_tool_history_tokens {calls.held_tokens}"]

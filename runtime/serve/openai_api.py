@@ -17,8 +17,21 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from runtime.dsml import ContentDelta, ReasoningDelta
-from runtime.serve.chat import (ApiError, Call, CallArguments, CallStarted, Chat, Message, Progress, Result,
-                                Sampling, function_tool, get, think_mode, tool_choice)
+from runtime.serve.chat import (
+    ApiError,
+    Call,
+    CallArguments,
+    CallStarted,
+    Chat,
+    Message,
+    Progress,
+    Result,
+    Sampling,
+    function_tool,
+    get,
+    think_mode,
+    tool_choice,
+)
 from runtime.serve.toolcalls import new_call_id
 
 
@@ -172,8 +185,8 @@ def response_body(result: Result, model: str, created: int) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": result.content or None,
                                "reasoning_content": result.reasoning or None}
     if result.calls:
-        message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                                 for c in result.calls]
+        message["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.name, "arguments": c.arguments}} for c in result.calls]
     return {"id": new_call_id("chatcmpl-"), "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": message, "finish_reason": _finish(result), "logprobs": None}],
             "usage": _usage(result)}

@@ -25,8 +25,21 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 from runtime.dsml import ContentDelta, ReasoningDelta
-from runtime.serve.chat import (ApiError, Call, CallArguments, CallDone, CallStarted, Chat, Message, Progress,
-                                Result, function_tool, get, think_mode, tool_choice)
+from runtime.serve.chat import (
+    ApiError,
+    Call,
+    CallArguments,
+    CallDone,
+    CallStarted,
+    Chat,
+    Message,
+    Progress,
+    Result,
+    function_tool,
+    get,
+    think_mode,
+    tool_choice,
+)
 from runtime.serve.openai_api import max_tokens, now, sampling, text_content
 from runtime.serve.toolcalls import new_call_id
 
@@ -181,7 +194,7 @@ class _Builder:
                                                                                "annotations": []}}
 
     def feed(self, event: Any) -> Iterator[tuple[str, dict[str, Any]]]:
-        ref = lambda: {"item_id": self.open["id"], "output_index": len(self.items) - 1}  # noqa: E731
+        ref = lambda: {"item_id": self.open["id"], "output_index": len(self.items) - 1}
         if isinstance(event, ReasoningDelta):
             if self.open is None or self.open["type"] != "reasoning":
                 yield from self._add({"type": "reasoning", "id": new_call_id("rs_"), "summary": [],
@@ -230,7 +243,8 @@ async def stream_events(events: AsyncIterator[Any], chat: Chat, body: Mapping[st
     def sse(kind: str, data: dict[str, Any]) -> str:
         nonlocal number
         number += 1
-        return f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': number - 1, **data}, ensure_ascii=False)}\n\n"
+        data = {"type": kind, "sequence_number": number - 1, **data}
+        return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     yield sse("response.created", {"response": builder.response("in_progress")})
     yield sse("response.in_progress", {"response": builder.response("in_progress")})

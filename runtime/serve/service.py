@@ -18,7 +18,15 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from runtime.encoding import EOS, PromptEncoder, TokenCache
-from runtime.serve.chat import ApiError, Assembler, Chat, Progress, Result, Usage, prompt_ids
+from runtime.serve.chat import (
+    ApiError,
+    Assembler,
+    Chat,
+    Progress,
+    Result,
+    Usage,
+    prompt_ids,
+)
 from runtime.serve.toolcalls import ToolCallMap
 
 if TYPE_CHECKING:
