@@ -199,22 +199,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn_ranks(world: int, args: list[str]) -> list[subprocess.Popen]:
+def _spawn_ranks(commands: list[list[str]]) -> list[subprocess.Popen]:
+    """One process per command, rank by rank, with the environment torchrun would give them."""
     port = _free_port()
     procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+    for rank, command in enumerate(commands):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(len(commands)), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.test_distributed", *args], cwd=ROOT, env=env,
+        procs.append(subprocess.Popen([sys.executable, "-m", *command], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
+
+
+def test_mismatched_launch_refused(checkpoint_dir):
+    """Ranks started with different sizes all stop at load, saying what differs."""
+    ckpt = str(checkpoint_dir("tiny", 0))
+    procs = _spawn_ranks([["runtime.distributed", ckpt, "--tp", "2", "--timeout", "60"],
+                          ["runtime.distributed", ckpt, "--tp", "1", "--timeout", "60"]])
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errors
+    assert "error: rank 0 and rank 1 were started differently (tp: 2 here, 1 on rank 1)" in errors[0]
+    assert "error: rank 1 and rank 0 were started differently (tp: 1 here, 2 on rank 0)" in errors[1]
+
+
+@pytest.mark.slow
+def test_command_line_greedy_equals_single(checkpoint_dir, exact):
+    """`torchrun -m runtime.distributed` continues a prompt with the single-process greedy tokens."""
+    ids = _tokens(20, 4)
+    state, expected = exact.new_state(), []
+    token = int(exact.extend(state, torch.tensor(ids)).logits[0].argmax())
+    while len(expected) < 6:
+        expected.append(token)
+        token = int(exact.extend(state, torch.tensor([token])).logits[0].argmax())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "runtime.distributed", str(checkpoint_dir("tiny", 0)), "--precision", "exact", "--ep", "1",
+           "--ids", ",".join(map(str, ids)), "--max-tokens", "6"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (result["tp"], result["ep"], result["tokens"]) == (2, 1, expected)
 
 
 @pytest.mark.parametrize("how", ["die", "hang"])
 def test_lost_rank_ends_the_job_with_an_error(checkpoint_dir, tmp_path, how):
     """Rank 1 is killed (die) or stops answering (hang) while rank 0 is in a forward: rank 0 stops
     with RankFailure, within the 5 s timeout for a hang, at once for a death."""
-    procs = _spawn_ranks(2, [str(checkpoint_dir("tiny", 0)), str(tmp_path), "2", "1", "fail", "5"])
+    args = ["tests.test_distributed", str(checkpoint_dir("tiny", 0)), str(tmp_path), "2", "1", "fail", "5"]
+    procs = _spawn_ranks([args, args])
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "loaded1").exists():

@@ -5,7 +5,8 @@ with `python -m torch.distributed.run` (gloo on CPUs, NCCL on GPUs) and reports,
 size: the largest logit difference from the single-process model in exact precision, each
 rank's checkpoint bytes over the total, the bytes each rank hands to collectives per decoded
 token (per layer for the attention and MoE all-reduces, per token for embedding and head),
-and the decode step time relative to one rank.
+and the decode step time relative to one rank. It adds the memory plans of the released
+configs on the machines docs/distributed.md plans for (computed, not measured).
 """
 
 from __future__ import annotations
@@ -57,6 +58,38 @@ def worker(checkpoint: str, out: str, tp: int, ep: int) -> None:
         }))
 
 
+# the layouts docs/distributed.md plans for: (config, machine, world, tp, ep)
+PLANS = (("flash", "2x H200", 2, 2, 2), ("flash", "4x H100", 4, 4, 4), ("flash", "8x H100", 8, 8, 8),
+         ("pro", "8x H200", 8, 8, 8), ("pro", "2 nodes x 8 H100", 16, 8, 16))
+
+
+def memory_plans(precision: str = "reference") -> list[dict]:
+    """Weights per rank (as held: FP4 experts packed, the rest dequantized as the model holds it)
+    for the released configs on the machines of PLANS, and the KV one sequence adds on every rank."""
+    from runtime.config import released_config
+    from runtime.distributed.layout import make_layout
+    from runtime.distributed.shard import planned_held_bytes
+    from runtime.info import model_info
+    from runtime.model import Model
+
+    buffers: dict[str, dict[str, torch.Tensor]] = {}
+    out = []
+    for name, machine, world, tp, ep in PLANS:
+        config = released_config(name)
+        if name not in buffers:
+            with torch.device("meta"):
+                buffers[name] = Model(config, precision).state_dict()
+        per_rank = [planned_held_bytes(buffers[name], config, precision, make_layout(world, r, config, tp, ep, precision))
+                    for r in range(max(tp, ep))]  # ranks beyond max(tp, ep) repeat these parts
+        info = model_info(config)
+        per_token, fixed = info["kv_bytes_per_token_native_scales"], info["kv_partial_state_bytes_per_sequence"]
+        out.append({"model": name, "machine": machine, "world": world, "tp": tp, "ep": ep,
+                    "weights_total_one_process": sum(t.nbytes for t in buffers[name].values()),
+                    "weights_per_rank_max": max(per_rank), "weights_per_rank_min": min(per_rank),
+                    "kv_per_sequence_128k": per_token * 131072 + fixed, "kv_per_sequence_1m": per_token * 2**20 + fixed})
+    return out
+
+
 def _launch(world: int, checkpoint: Path, out: Path, threads: int) -> dict:
     out.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
@@ -98,7 +131,8 @@ def bench_distributed(worlds: tuple[int, ...] = (1, 2, 4)) -> dict:
             run["step_time_ratio_vs_1_rank"] = run["decode_step_s"] / one
     return {"checkpoint": "tiny_config() (4 layers, hidden 256, 4 heads, 8 experts, vocab 129,280), exact",
             "backend": "nccl" if torch.cuda.is_available() else "gloo", "prompt": PROMPT, "decoded": DECODE,
-            "cpu_count": os.cpu_count(), "threads_per_rank": threads, "worlds": runs}
+            "cpu_count": os.cpu_count(), "threads_per_rank": threads, "worlds": runs,
+            "memory_plans_reference_precision": memory_plans()}
 
 
 if __name__ == "__main__":

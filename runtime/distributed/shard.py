@@ -9,12 +9,14 @@ rank then runs the same program (sessions, generation) and gets the same logits.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from runtime.checkpoint import Checkpoint, open_checkpoint
+from runtime.config import ModelConfig
 from runtime.distributed import comm
 from runtime.distributed.layout import (Layout, LayoutError, Part, held_experts, make_layout, planned_bytes,
                                         vocab_ranges, weight_slices)
@@ -88,7 +90,7 @@ def load(path: str | Path, precision: str = "exact", device: str | torch.device 
     with torch.device("meta"):
         model = ShardedModel(ck.config, precision)
     model.layout, model.groups = layout, groups
-    planned_held = planned_held_bytes(model, layout)  # from the meta model, before it is filled
+    planned_held = planned_held_bytes(model.state_dict(), ck.config, precision, layout)  # before it is filled
     read = _fill(model, ck, layout, precision, device)
     planned = planned_bytes(layout, ck.config, precision)
     held = sum(t.nbytes for t in model.state_dict().values())
@@ -102,12 +104,13 @@ def load(path: str | Path, precision: str = "exact", device: str | torch.device 
     return model.eval()
 
 
-def planned_held_bytes(full: Model, layout: Layout) -> int:
-    """The bytes this layout's rank will hold, from a whole model on the meta device (its buffers
-    say how each tensor is held: dequantized in which dtype, or quantized as stored)."""
-    plan = weight_slices(layout, full.config, full.precision)
+def planned_held_bytes(buffers: Mapping[str, torch.Tensor], config: ModelConfig, precision: str,
+                       layout: Layout) -> int:
+    """The bytes this layout's rank will hold, from the `state_dict()` of a whole model on the meta
+    device (its buffers say how each tensor is held: dequantized in which dtype, or as stored)."""
+    plan = weight_slices(layout, config, precision)
     total = 0
-    for name, buf in full.state_dict().items():
+    for name, buf in buffers.items():
         # a quantization scale goes with its weight (packed FP4/FP8 experts, held whole or not at all)
         logical = name.removesuffix("scale") + "weight" if buf.dtype == torch.float8_e8m0fnu else name
         part = plan.get(logical)
