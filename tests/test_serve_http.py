@@ -214,12 +214,43 @@ def _events(tokenizer) -> tuple[list, Result]:
     return source, result
 
 
+def test_the_chat_stream_reads_back_in_the_agents_own_client(tokenizer):
+    from agent.backends.http import read_stream
+
+    source, result = _events(tokenizer)
+    text = "".join(asyncio.run(_collect(openai_api.stream_events(source(), "m", 0, include_usage=True))))
+    seen: list = []
+    answer = read_stream([text.encode()], 100, seen.append, "test")
+    assert (answer.reasoning, answer.content, answer.finish) == (result.reasoning, result.content, "tool_calls")
+    assert [(c.name, c.arguments) for c in answer.tool_calls] == [(c.name, c.arguments) for c in result.calls]
+    assert answer.usage["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert [e.name for e in seen if type(e).__name__ == "ToolCallStarted"] == ["read_file", "run"]
+
+    # The OpenAI SDK's own accumulator of streamed chunks agrees.
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    state = ChatCompletionStreamState()
+    for line in text.splitlines():
+        if line.startswith("data: {"):
+            state.handle_chunk(ChatCompletionChunk.model_validate(json.loads(line[6:])))
+    message = state.get_final_completion().choices[0].message
+    assert [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls] == [
+        (c.id, c.name, c.arguments) for c in result.calls]
+
+
 def test_anthropic_stream_is_the_documented_event_sequence(tokenizer):
     source, result = _events(tokenizer)
     text = "".join(asyncio.run(_collect(anthropic_api.stream_events(source(), "m"))))
     events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
     names = [line[7:] for line in text.splitlines() if line.startswith("event: ")]
     assert names == [e["type"] for e in events]
+    from anthropic.types import RawMessageStreamEvent
+    from pydantic import TypeAdapter
+
+    typed = TypeAdapter(RawMessageStreamEvent)
+    for event in events:  # each one is what the Anthropic SDK expects, field by field
+        assert typed.validate_python(event).type == event["type"]
     blocks = [(e["index"], e["content_block"]["type"]) for e in events if e["type"] == "content_block_start"]
     assert blocks == [(0, "thinking"), (1, "text"), (2, "tool_use"), (3, "tool_use")]
     compact = []
