@@ -522,6 +522,21 @@ def test_an_unknown_tool_call_id_is_a_counted_miss(server):
     tools = [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}]
     openai_client(server).chat.completions.create(model=MODEL, messages=history, tools=tools, max_tokens=1)
     assert misses() == before + 1
+    # The same history in the other two APIs.
+    anthropic_client(server).messages.create(
+        model=MODEL, max_tokens=1, system="You fix bugs.", tools=[{"name": "read_file", "input_schema": {}}],
+        messages=[{"role": "user", "content": "add(2, 3) returns -1"},
+                  {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_made_up", "name": "read_file",
+                                                     "input": {"path": "a"}}]},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_made_up",
+                                                "content": "def add(a, b): return a - b"}]}])
+    openai_client(server).responses.create(
+        model=MODEL, max_output_tokens=1, instructions="You fix bugs.",
+        tools=[{"type": "function", "name": "read_file", "parameters": {"type": "object"}}],
+        input=[{"role": "user", "content": "add(2, 3) returns -1"},
+               {"type": "function_call", "call_id": "call_made_up", "name": "read_file", "arguments": '{"path": "a"}'},
+               {"type": "function_call_output", "call_id": "call_made_up", "output": "def add(a, b): return a - b"}])
+    assert misses() == before + 3
 
 
 def test_prefill_keeps_the_stream_alive(server):
