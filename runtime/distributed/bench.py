@@ -107,12 +107,18 @@ def bench_distributed(worlds: tuple[int, ...] = (1, 2, 4)) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="v4agent-bench-dist-") as tmp:
         checkpoint = make_tiny(Path(tmp) / "tiny", tiny_config())
-        single = load(checkpoint)
-        expected = single.extend(single.new_state(), _prompt(), logits="all").logits
-        runs = {}
         # the same threads per rank at every world size (more than the cores would slow the
-        # big worlds down for no reason of their own)
+        # big worlds down for no reason of their own), and for the single process: GEMMs sum
+        # in an order that depends on the thread count, which would show up as a difference
         threads = max(1, (os.cpu_count() or 1) // max(worlds))
+        single = load(checkpoint)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            expected = single.extend(single.new_state(), _prompt(), logits="all").logits
+        finally:
+            torch.set_num_threads(before)
+        runs = {}
         for world in worlds:
             result = _launch(world, checkpoint, Path(tmp) / f"world{world}", threads)
             diff = (torch.load(Path(tmp) / f"world{world}" / "logits.pt") - expected).abs().max().item()
