@@ -421,8 +421,11 @@ def test_cors_only_for_the_origins_asked_for(server):
     ("/v1/messages", {"model": "claude-x", "max_tokens": 5, "messages": CHAT[1:]}, 404, "not served here"),
     ("/v1/responses", {"model": MODEL, "input": 5}, 400, "input must be"),
     ("/v1/nowhere", {}, 404, "Not Found"),
+    ("/v1/forged%0A127.0.0.1 \"GET /admin\" 200", {}, 404, "Not Found"),
 ])
-def test_bad_input_is_a_shaped_4xx_and_the_server_lives_on(server, path: str, payload, status: int, message: str):
+def test_bad_input_is_a_shaped_4xx_and_the_server_lives_on(server, path: str, payload, status: int, message: str,
+                                                          caplog: pytest.LogCaptureFixture):
+    caplog.set_level("INFO", logger="v4agent.serve")
     content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     answer = http(server, "POST", path, content=content, headers={"x-api-key": KEY, "Content-Type": "application/json"})
     assert answer.status_code == status, answer.text
@@ -431,6 +434,7 @@ def test_bad_input_is_a_shaped_4xx_and_the_server_lives_on(server, path: str, pa
     if path == "/v1/messages":
         assert answer.json()["type"] == "error" and error["type"] in ("invalid_request_error", "not_found_error")
     assert http(server, "GET", "/health", headers={"x-api-key": KEY}).status_code == 200
+    assert all("\n" not in r.getMessage() for r in caplog.records)
 
 
 def test_chat_completions_streamed_and_not_agree(server, tiny, caplog: pytest.LogCaptureFixture):
@@ -567,6 +571,16 @@ def test_a_client_that_leaves_mid_stream_cancels_its_generation(server):
     while server.engine.stats()["running"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.engine.stats()["running"] == 0  # long before 2000 tokens
+
+    # Not streamed: the server notices within a second that nobody waits any more.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json={**payload, "stream": False}, headers={"x-api-key": KEY},
+                   timeout=httpx.Timeout(120, read=1.5))
+    assert server.engine.stats()["running"] == 1
+    deadline = time.monotonic() + 20
+    while server.engine.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.engine.stats()["running"] == 0
 
 
 def test_fix_runs_end_to_end_against_the_server(server, tmp_path, monkeypatch: pytest.MonkeyPatch):

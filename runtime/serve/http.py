@@ -98,7 +98,8 @@ class _Gate:
             self.counts[(path if path in _ROUTES else "other", status)] += 1
             extra = " ".join(f"{k}={v}" for k, v in info.items())
             client = scope.get("client") or ("-", 0)
-            log.info('%s "%s %s" %s %.0f ms %s', client[0], scope["method"], path, status or "-",
+            # The path as JSON escapes it: a %0A in the URL cannot start a forged log line.
+            log.info('%s "%s %s" %s %.0f ms %s', client[0], scope["method"], json.dumps(path)[1:-1], status or "-",
                      (time.perf_counter() - started) * 1000, extra)
 
 
