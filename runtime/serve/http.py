@@ -14,6 +14,7 @@ included: then with its token counts). Errors are never tracebacks: a refused re
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -188,7 +189,7 @@ def create_app(service: Service, *, api_key: str | None = None, cors_origins: Se
     async def count_tokens(request: Request, body: dict[str, Any]) -> Response:
         chat = anthropic_api.parse_request({**body, "max_tokens": 1})
         service.check_model(chat.model)
-        return JSONResponse({"input_tokens": len(service.encode(chat))})
+        return JSONResponse({"input_tokens": len(await asyncio.to_thread(service.encode, chat))})
 
     async def responses(request: Request, body: dict[str, Any]) -> Response:
         chat = responses_api.parse_request(body)
