@@ -44,6 +44,9 @@ def script(model, cache_root: Path) -> dict:
     f = s.fork()
     f.extend(more)
     out["fork_logits"] = f.last_logits
+    # the MTP block (split like the others) drafts, the main model verifies
+    out["speculative"] = list(f.generate(GENERATE, SamplingParams(temperature=0), speculative=True))
+    out["accepted"] = f.spec.accepted
     s.rewind(PROMPT - 3)
     s.extend(prompt[-3:])
     out["rewind_logits"] = s.last_logits
@@ -147,6 +150,7 @@ def test_parallel_equals_single(parallel, single, name):
         diff = (got[key] - expected[key]).abs().max().item()
         assert diff <= 1e-5, f"{name} {key}: max |diff| {diff}"
     assert got["greedy"] == expected["greedy"]
+    assert (got["speculative"], got["accepted"]) == (expected["speculative"], expected["accepted"])
     # the parallel run saved and reused its own prefix, and saw the single-process one as foreign
     assert got["persisted_cached"] == expected["persisted_cached"] == 128
     assert got["foreign_key_warnings"] >= 1 and expected["foreign_key_warnings"] == 0
@@ -241,7 +245,7 @@ def test_command_line_greedy_equals_single(checkpoint_dir, exact):
     assert (result["tp"], result["ep"], result["tokens"]) == (2, 1, expected)
 
 
-@pytest.mark.parametrize("how", ["die", "hang"])
+@pytest.mark.parametrize("how", [pytest.param("die", marks=pytest.mark.slow), "hang"])
 def test_lost_rank_ends_the_job_with_an_error(checkpoint_dir, tmp_path, how):
     """Rank 1 is killed (die) or stops answering (hang) while rank 0 is in a forward: rank 0 stops
     with RankFailure, within the 5 s timeout for a hang, at once for a death."""
