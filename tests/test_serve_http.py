@@ -160,7 +160,8 @@ def test_anthropic_request_becomes_the_same_conversation():
     chat = anthropic_api.parse_request({
         "model": "m", "max_tokens": 100, "system": [{"type": "text", "text": "You fix bugs."}],
         "thinking": {"type": "enabled", "budget_tokens": 4096},
-        "tools": [{"name": "read_file", "description": "Read a file.", "input_schema": {"type": "object"}}],
+        "tools": [{"name": "read_file", "description": "Read a file.", "input_schema": {"type": "object"}},
+                  {"type": "web_search_20250305", "name": "web_search"}],
         "messages": [
             {"role": "user", "content": "add is wrong"},
             {"role": "assistant", "content": [{"type": "thinking", "thinking": "Look.", "signature": ""},
@@ -169,7 +170,7 @@ def test_anthropic_request_becomes_the_same_conversation():
                                                "input": {"path": "calc.py"}}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "def add"},
                                          {"type": "text", "text": "go on"}]}]})
-    assert chat.think == "high" and chat.max_tokens == 100 and chat.tools[0]["name"] == "read_file"
+    assert chat.think == "high" and chat.max_tokens == 100 and [t["name"] for t in chat.tools] == ["read_file"]
     assert [m.encoding() for m in chat.messages] == [
         {"role": "system", "content": "You fix bugs."}, {"role": "user", "content": "add is wrong"},
         {"role": "assistant", "content": "Reading.", "reasoning_content": "Look.",

@@ -2,10 +2,10 @@
 
 Request fields read: model, max_tokens (required), system (a string or text blocks), messages
 (user: text and tool_result blocks; assistant: thinking, redacted_thinking, text and tool_use
-blocks), tools (name, description, input_schema), tool_choice (auto or none), thinking
-({"type": "enabled"|"adaptive"} -> think-high, or think-max with output_config.effort xhigh or
-max, or without an effort a budget_tokens of 32,768 and more; "disabled" or absent -> non-think),
-stop_sequences, temperature, top_p, top_k, stream. Image and document blocks are refused. Other
+blocks), tools (name, description, input_schema; server tools such as web search are left
+out), tool_choice (auto or none), thinking ({"type": "enabled"|"adaptive"} -> think-high, or
+think-max with output_config.effort xhigh or max, or without an effort a budget_tokens of 32,768
+and more; "disabled" or absent -> non-think), stop_sequences, temperature, top_p, top_k, stream. Image and document blocks are refused. Other
 fields are ignored.
 
 The answer: thinking block, text block, tool_use blocks, in the order the model writes them;
@@ -142,7 +142,7 @@ def parse_request(body: Mapping[str, Any]) -> Chat:
         if not isinstance(tool, Mapping):
             raise ApiError(400, f"{where} must be an object", param=where)
         if tool.get("type") not in (None, "custom"):
-            raise ApiError(400, f"{where}: server tools ({tool.get('type')!r}) are not supported", param=where)
+            continue  # a server tool (web search...): Anthropic runs those, V4 cannot call them
         tools.append(function_tool(tool.get("name"), tool.get("description"), tool.get("input_schema"), where))
     temperature = get(body, "temperature", float, default=1.0)
     if not 0 <= temperature <= 1:
