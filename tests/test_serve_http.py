@@ -130,7 +130,7 @@ def test_the_map_is_bounded_by_tokens_and_forgets_the_oldest(tokenizer):
     ({"messages": "hi"}, "messages must be a list"),
     ({"messages": []}, "messages must not be empty"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role must be"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text content"),
+    ({"messages": [{"role": "user", "content": ["text"]}]}, "must be a content part object"),
     ({"max_tokens": "10"}, "max_tokens must be an integer"),
     ({"max_tokens": True}, "max_tokens must be an integer"),
     ({"temperature": 3}, "temperature must be between 0 and 2"),
@@ -144,6 +144,12 @@ def test_chat_request_errors_name_the_field(fields: dict, message: str):
     with pytest.raises(ApiError) as caught:
         openai_api.parse_request({**body({"role": "user", "content": "hi"}), **fields})
     assert caught.value.status == 400 and message in caught.value.message
+
+
+def test_parts_v4_cannot_read_are_named_in_the_text():
+    chat = openai_api.parse_request(body({"role": "user", "content": [
+        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}))
+    assert chat.messages[-1].content == "what is this?\n\n[Unsupported image_url]"  # as the reference encoder
 
 
 @pytest.mark.parametrize("fields, think", [
@@ -179,9 +185,9 @@ def test_anthropic_request_becomes_the_same_conversation():
         {"role": "tool", "content": "def add", "tool_call_id": "toolu_1"}, {"role": "user", "content": "go on"}]
     with pytest.raises(ApiError, match="max_tokens is required"):
         anthropic_api.parse_request({"model": "m", "messages": [{"role": "user", "content": "x"}]})
-    with pytest.raises(ApiError, match="image"):
-        anthropic_api.parse_request({"model": "m", "max_tokens": 5, "messages": [
-            {"role": "user", "content": [{"type": "image", "source": {}}]}]})
+    image = anthropic_api.parse_request({"model": "m", "max_tokens": 5, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "see"}, {"type": "image", "source": {}}]}]})
+    assert [m.encoding() for m in image.messages] == [{"role": "user", "content": "see\n\n[Unsupported image]"}]
 
 
 def test_responses_input_items_group_into_turns():

@@ -5,8 +5,9 @@ Request fields read: model, max_tokens (required), system (a string or text bloc
 blocks), tools (name, description, input_schema; server tools such as web search are left
 out), tool_choice (auto or none), thinking ({"type": "enabled"|"adaptive"} -> think-high, or
 think-max with output_config.effort xhigh or max, or without an effort a budget_tokens of 32,768
-and more; "disabled" or absent -> non-think), stop_sequences, temperature, top_p, top_k, stream. Image and document blocks are refused. Other
-fields are ignored.
+and more; "disabled" or absent -> non-think), stop_sequences, temperature, top_p, top_k, stream.
+Image and document blocks become "[Unsupported image]" text (V4 reads text only). Other fields
+are ignored.
 
 The answer: thinking block, text block, tool_use blocks, in the order the model writes them;
 stop_reason end_turn, tool_use, max_tokens or stop_sequence; usage with input_tokens (not
@@ -81,6 +82,8 @@ def _turn(raw: Any, where: str) -> list[Message]:
             raise ApiError(400, f"{at} must be a content block", param=at)
         if role == "user" and kind == "text":
             out.append(Message("user", get(block, "text", str, at, required=True)))
+        elif role == "user" and kind in ("image", "document"):
+            out.append(Message("user", text_content([block], at)))
         elif role == "user" and kind == "tool_result":
             out.append(_tool_result(block, at))
         elif role == "assistant" and kind == "thinking":

@@ -46,8 +46,9 @@ def models_body(name: str, created: int) -> dict[str, Any]:
 # ---- the request ------------------------------------------------------------------------------
 
 def text_content(content: Any, where: str, part_types: tuple[str, ...] = ("text",)) -> str:
-    """A message's content as text: a string, or a list of text parts (joined by blank lines,
-    as runtime.encoding joins them). Anything but text is refused."""
+    """A message's content as text: a string, or a list of parts joined by blank lines. V4
+    reads text only: any other part (an image, a file) becomes `[Unsupported TYPE]`, as in the
+    reference encoder, so the model knows something was there and the conversation goes on."""
     if isinstance(content, str):
         return content
     if content is None:
@@ -56,10 +57,11 @@ def text_content(content: Any, where: str, part_types: tuple[str, ...] = ("text"
         raise ApiError(400, f"{where} must be a string or a list of content parts", param=where)
     texts = []
     for i, part in enumerate(content):
-        if not isinstance(part, Mapping) or part.get("type") not in part_types:
-            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
-            raise ApiError(400, f"{where}[{i}]: only text content is supported, not {kind!r}", param=where)
-        texts.append(get(part, "text", str, f"{where}[{i}]", required=True))
+        kind = get(part, "type", str, f"{where}[{i}]", required=True) if isinstance(part, Mapping) else None
+        if kind is None:
+            raise ApiError(400, f"{where}[{i}] must be a content part object", param=where)
+        texts.append(get(part, "text", str, f"{where}[{i}]", required=True) if kind in part_types
+                     else f"[Unsupported {kind}]")
     return "\n\n".join(texts)
 
 
