@@ -126,6 +126,16 @@ def test_the_map_is_bounded_by_tokens_and_forgets_the_oldest(tokenizer):
     assert calls.recall([c.id for c in ids[3]], *settings) is not None
 
 
+def test_the_token_cache_of_a_long_running_server_stays_bounded(tokenizer):
+    from runtime.serve.service import BoundedTokenCache
+
+    cache = BoundedTokenCache(tokenizer, max_tokens=50)
+    encoder = PromptEncoder(tokenizer, cache=cache)
+    for n in range(20):
+        assert encoder.encode_text(f"file {n}: " + "x = 1\n" * 5) == tokenizer.encode(f"file {n}: " + "x = 1\n" * 5)
+        assert sum(len(ids) for ids in cache._ids.values()) <= 50
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"messages": "hi"}, "messages must be a list"),
     ({"messages": []}, "messages must not be empty"),
