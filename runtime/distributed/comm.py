@@ -109,11 +109,5 @@ def gather_objects(obj: object, op: str) -> list[object]:
     return out
 
 
-def broadcast_object(obj: object, op: str, src: int = 0) -> object:
-    box = [obj]
-    _collective(op, list(range(dist.get_world_size())), lambda: dist.broadcast_object_list(box, src=src))
-    return box[0]
-
-
-__all__ = ["init", "Groups", "AllReduce", "all_gather_columns", "gather_objects", "broadcast_object", "RankFailure",
+__all__ = ["init", "Groups", "AllReduce", "all_gather_columns", "gather_objects", "RankFailure",
            "traffic", "DEFAULT_TIMEOUT_S"]
