@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from runtime.dsml import ContentDelta, ReasoningDelta
-from runtime.encoding import PromptEncoder, PromptSettings, render_completion
+from runtime.encoding import EOS, PromptEncoder, PromptSettings, render_completion
 from runtime.serve import anthropic_api, openai_api, responses_api
 from runtime.serve.chat import (
     ApiError,
@@ -114,6 +114,14 @@ def test_history_renders_as_the_sampled_tokens(tokenizer):
     chat = openai_api.parse_request(body({"role": "user", "content": "add is wrong"}, back, *results))
     second = prompt_ids(chat, encoder, "preview", calls)
     assert second[:len(first) + len(sampled)] != first + sampled and calls.misses["changed"] == 1
+
+    # A known turn right after another assistant message (no generation prompt before it).
+    back["tool_calls"][0]["function"]["arguments"] = '{"path": "calc.py"}'
+    chat = openai_api.parse_request(body({"role": "user", "content": "add is wrong"},
+                                         {"role": "assistant", "content": "Let me look."}, back, *results))
+    ids = prompt_ids(chat, encoder, "preview", calls)
+    start = next(i for i in range(len(ids)) if ids[i:i + len(sampled)] == sampled)
+    assert tokenizer.decode(ids[start - 1:start]) == EOS and calls.hits == 3
 
 
 def test_the_map_is_bounded_by_tokens_and_forgets_the_oldest(tokenizer):

@@ -29,7 +29,6 @@ from runtime.dsml import (
     ToolCallStarted,
 )
 from runtime.encoding import (
-    ASSISTANT,
     EOS,
     THINK_CLOSE,
     EncodingError,
@@ -203,7 +202,7 @@ def prompt_ids(chat: Chat, encoder: PromptEncoder, effort_profile: str, calls: T
         tokens = calls.recall([c.id for c in message.calls], settings.thinking, message.reasoning, message.content,
                               [(c.name, arguments_value(c.arguments)) for c in message.calls])
         if tokens is not None:
-            marker = f"\ue000{secrets.token_hex(16)}\ue000"  # a private-use character: no real text has it
+            marker = f"\ue000{secrets.token_hex(16)}\ue000"  # random: no text a client sends can hold it
             spliced[marker] = tokens
             messages[index + (len(messages) - len(chat.messages))] = {"role": "assistant", "content": marker}
     try:
@@ -212,11 +211,11 @@ def prompt_ids(chat: Chat, encoder: PromptEncoder, effort_profile: str, calls: T
         raise ApiError(400, f"the conversation cannot be rendered in V4's format: {e}", param="messages") from None
     ids: list[int] = []
     for marker, tokens in spliced.items():
-        # The turn renders as [</think>]marker<EOS> after the generation prompt; each cut is at
-        # a split token, so the pieces tokenize as they would in the whole prompt.
+        # The turn renders as [</think>]marker<EOS>, after the generation prompt (or the EOS of
+        # an assistant turn before it): each cut is at a split token, so the pieces tokenize as
+        # they do in the whole prompt.
         turn = (THINK_CLOSE if settings.thinking else "") + marker + EOS
         before, text = text.split(turn, 1)
-        assert before.endswith(ASSISTANT + ("<think>" if settings.thinking else THINK_CLOSE))
         ids += encoder.encode_text(before)
         ids += tokens
     return ids + encoder.encode_text(text)
