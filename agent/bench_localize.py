@@ -3,9 +3,9 @@ bug fix changed into the prompt in full?
 
 Cases (agent/data/localize_cases.jsonl, rebuilt by agent/data/build_localize_cases.py): real
 bug-fix commits of open-source Python repositories; query = the commit message with the paths
-removed, gold = the non-test source files the fix changed, snapshot = the parent commit, made
-into a work tree whose HEAD is one commit without history (as a sdist or shallow checkout
-would be). Each case is packed with the query as the issue at 32K, 128K and 512K tokens, and
+removed, gold = the non-test source files the fix changed, snapshot = a work tree of the parent
+commit whose HEAD is that commit, with its history (the ranking reads the last commits before
+it: agent/rank_graph.py). Each case is packed with the query as the issue at 32K, 128K and 512K tokens, and
 side by side two baselines choose full files from the same candidates at the same costs:
 BM25 over file contents (plain words) and random order, each taking files in its order while
 they fit. Recall is the share of all gold files (of the split) packed in full, or outlined or
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import subprocess
@@ -40,10 +39,6 @@ REPOS = ("pytest-dev/pytest", "pylint-dev/pylint", "sphinx-doc/sphinx", "pydata/
          "psf/requests")
 BUDGETS = {"32k": 32_768, "128k": 131_072, "512k": 524_288}
 SPLITS = ("tune", "held-out")
-# Fixed identity and dates: a snapshot gets the same commit id on every run.
-_GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost", "GIT_COMMITTER_NAME": "bench",
-            "GIT_COMMITTER_EMAIL": "bench@localhost", "GIT_AUTHOR_DATE": "2025-01-01T00:00:00Z",
-            "GIT_COMMITTER_DATE": "2025-01-01T00:00:00Z"}
 _WORD = re.compile(r"\w+")
 
 
@@ -85,13 +80,13 @@ def repo_git_dir(repo: str, repos: Path | None = None) -> Path:
 
 
 def _git(work: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(work), *args], check=True, capture_output=True, text=True,
-                          env={**os.environ, **_GIT_ENV}).stdout.strip()
+    return subprocess.run(["git", "-C", str(work), *args], check=True, capture_output=True, text=True).stdout.strip()
 
 
 def snapshot(git_dir: Path, commit: str, work: Path) -> Path:
-    """`work` as a work tree of `commit`'s files whose HEAD is a single commit without history.
-    The work tree is reused from case to case: only the files that differ are written."""
+    """`work` as a work tree of `commit` whose HEAD is `commit`, its history read from `git_dir`
+    (git alternates). The work tree is reused from case to case: only the files that differ
+    are written."""
     if not (work / ".git").is_dir():
         if work.exists() and any(work.iterdir()):
             raise ValueError(f"{work} exists and is no snapshot work tree; move it away or pick another --work-dir")
@@ -101,8 +96,7 @@ def snapshot(git_dir: Path, commit: str, work: Path) -> Path:
     alternates.write_text(str((git_dir / "objects").resolve()) + "\n")
     _git(work, "read-tree", "--reset", "-u", f"{commit}^{{tree}}")
     _git(work, "clean", "-q", "-f", "-d", "-x")
-    root = _git(work, "commit-tree", f"{commit}^{{tree}}", "-m", f"snapshot of {commit}")
-    _git(work, "update-ref", "HEAD", root)
+    _git(work, "update-ref", "--no-deref", "HEAD", _git(work, "rev-parse", f"{commit}^{{commit}}"))
     return work
 
 

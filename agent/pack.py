@@ -52,6 +52,7 @@ from agent.pack_files import (
 )
 from agent.rank import Corpus, Ranking, is_source, rank
 from agent.rank_budget import FULL, OUTLINED, Option, choose
+from agent.rank_history import HISTORY_VERSION, History, read_history
 from agent.rank_terms import TermIndex
 from agent import rank_terms as rank_terms_module
 
@@ -223,11 +224,12 @@ def pack_repository(path: Path, *, budget: int = DEFAULT_BUDGET, issue: str | No
     root = work_tree(repo)
     files, skipped = list_files(repo, max_file_bytes)
     store = TokenStore((cache_dir or cache_root()) / "pack" / f"tokenizer-{fingerprint(tokenizer.path)}")
-    secrets = _secrets(root, files, store)
+    contents = _Contents(root)
+    secrets = _secrets(contents, files, store)
     if not include_secrets:
         files = [f for f in files if f.path not in secrets]
 
-    candidates, tokenized = _tokenize_contents(root, files, store, tokenizer, skipped, report)
+    candidates, tokenized = _tokenize_contents(contents, files, store, tokenizer, skipped, report)
     paths = [c.file.path for c in candidates]
     path_ids = dict(zip(paths, tokenizer.encode_batch(paths))) if paths else {}
     for c in candidates:
@@ -238,15 +240,16 @@ def pack_repository(path: Path, *, budget: int = DEFAULT_BUDGET, issue: str | No
     if sum(c.full for c in candidates) <= budget:
         modes: dict[str, Mode] = {c.file.path: "full" for c in candidates}
     else:
-        outlined = _outline_all(root, candidates, store, tokenizer, report)
+        outlined = _outline_all(contents, candidates, store, tokenizer, report)
         if issue:
-            indexed = _index_terms(root, candidates, store, report)
+            indexed = _index_terms(contents, candidates, store, report)
         ranking = rank(issue, Corpus([c.file.path for c in candidates],
                                      [c.terms or TermIndex.empty() for c in candidates],
                                      [c.full for c in candidates],
                                      [is_source(c.file.path) for c in candidates],
                                      {c.file.path: c.symbols for c in candidates},
-                                     {c.file.path: c.imports for c in candidates}))
+                                     {c.file.path: c.imports for c in candidates},
+                                     _history(repo, root, store)))
         for c, p in zip(candidates, ranking.probability):
             c.probability = float(p)
         modes = _select(candidates, ranking.scores, budget)
@@ -270,7 +273,31 @@ def _packed(c: _Candidate, mode: Mode) -> PackedFile:
                       c.probability)
 
 
-def _secrets(root: Path, files: Sequence[RepoFile], store: TokenStore) -> dict[str, str]:
+class _Contents:
+    """The files of the work tree, each read and decoded at most once per pack: a cold pack
+    needs a file's bytes for the secret check, the tokenizer, the outline and the term index."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = str(root)
+        self._bytes: dict[str, bytes] = {}
+        self._text: dict[str, str] = {}
+
+    def data(self, path: str) -> bytes:
+        found = self._bytes.get(path)
+        if found is None:
+            with open(f"{self._root}/{path}", "rb") as f:
+                found = self._bytes[path] = f.read()
+        return found
+
+    def text(self, path: str) -> str:
+        """The file as UTF-8 text (callers have checked that it is)."""
+        found = self._text.get(path)
+        if found is None:
+            found = self._text[path] = self.data(path).decode("utf-8")
+        return found
+
+
+def _secrets(contents: _Contents, files: Sequence[RepoFile], store: TokenStore) -> dict[str, str]:
     """{path: why it looks like a secret}. Names count for files that differ from HEAD (a file as
     committed is already shared with whoever has the repository: a committed `.env.example` is
     fine); content counts for every file, its verdict cached per blob."""
@@ -283,7 +310,7 @@ def _secrets(root: Path, files: Sequence[RepoFile], store: TokenStore) -> dict[s
             if isinstance(cached, dict) and "reason" in cached:
                 reason = cached["reason"]
             else:
-                reason = secret_content_reason((root / f.path).read_bytes())
+                reason = secret_content_reason(contents.data(f.path))
                 store.save_json(key, {"reason": reason})
         if reason:
             found[f.path] = reason
@@ -306,7 +333,7 @@ def _batches(items: Sequence[Any], sizes: Sequence[int]) -> list[list[Any]]:
     return batches
 
 
-def _tokenize_contents(root: Path, files: Sequence[RepoFile], store: TokenStore, tokenizer: PackTokenizer,
+def _tokenize_contents(contents: _Contents, files: Sequence[RepoFile], store: TokenStore, tokenizer: PackTokenizer,
                        skipped: list[tuple[str, str]], report: Progress) -> tuple[list[_Candidate], int]:
     """Candidates with their content token counts, tokenizing only blobs the cache lacks;
     files failing the content filters are added to `skipped` (their verdict cached too)."""
@@ -328,10 +355,9 @@ def _tokenize_contents(root: Path, files: Sequence[RepoFile], store: TokenStore,
     for batch in _batches(pending, [f.size for f in pending]):
         texts: list[tuple[RepoFile, str]] = []
         for f in batch:
-            data = (root / f.path).read_bytes()
-            reason = content_skip_reason(data)
+            reason = content_skip_reason(contents.data(f.path))
             if reason is None:
-                texts.append((f, data.decode("utf-8")))
+                texts.append((f, contents.text(f.path)))
             else:
                 store.save_json(f"{f.blob}.skip", reason)
                 skipped.append((f.path, reason))
@@ -348,7 +374,7 @@ def _outline_key(blob: str, language: str) -> str:
     return f"{blob}.{language}-{_OUTLINE_VERSION}"
 
 
-def _outline_all(root: Path, candidates: Sequence[_Candidate], store: TokenStore, tokenizer: PackTokenizer,
+def _outline_all(contents: _Contents, candidates: Sequence[_Candidate], store: TokenStore, tokenizer: PackTokenizer,
                  report: Progress) -> int:
     """Fill in the outlines of all candidates that have one (from the cache, or computed and
     tokenized); returns how many were computed."""
@@ -368,7 +394,7 @@ def _outline_all(root: Path, candidates: Sequence[_Candidate], store: TokenStore
     for batch in _batches(todo, [c.file.size for c, _ in todo]):
         made = []
         for c, language in batch:
-            found = outline(c.file.path, (root / c.file.path).read_bytes().decode("utf-8"))
+            found = outline(c.file.path, contents.text(c.file.path))
             assert found is not None  # its language has a grammar
             made.append((c, _outline_key(c.file.blob, language), found))
         texts = [OUTLINE_HEADER + found.text for _, _, found in made]
@@ -389,7 +415,7 @@ def _set_outline(c: _Candidate, key: str, record: dict[str, Any], count: int) ->
         c.outline_key, c.outline_text, c.outline_content_tokens = f"{key}.ids", record["text"], count
 
 
-def _index_terms(root: Path, candidates: Sequence[_Candidate], store: TokenStore, report: Progress) -> int:
+def _index_terms(contents: _Contents, candidates: Sequence[_Candidate], store: TokenStore, report: Progress) -> int:
     """Fill in the term index of every candidate (agent/rank_terms.py), from the cache or made
     from the file; returns how many were made."""
     made = 0
@@ -399,12 +425,29 @@ def _index_terms(root: Path, candidates: Sequence[_Candidate], store: TokenStore
         try:
             c.terms = TermIndex.decode(store.load_ids(key))
         except KeyError:
-            c.terms = TermIndex.of_text((root / c.file.path).read_bytes().decode("utf-8"))
+            c.terms = TermIndex.of_text(contents.text(c.file.path))
             store.save_ids(key, c.terms.encode())
             made += 1
         if done % 500 == 0 or done == len(candidates):
             report("indexing", done, len(candidates))
     return made
+
+
+def _history(repo: Any, root: Path, store: TokenStore) -> History | None:
+    """The commit history behind HEAD (agent/rank_history.py), cached per HEAD commit; None
+    without one (no commit yet, a shallow clone, git failing)."""
+    try:
+        head = repo.head.commit.hexsha
+    except ValueError:  # no commit yet
+        return None
+    key = f"{head}.{HISTORY_VERSION}"
+    cached = store.load_json(key)
+    if isinstance(cached, list):
+        return History(tuple(tuple(commit) for commit in cached))
+    history = read_history(root, Path(repo.common_dir), head)
+    if history is not None:
+        store.save_json(key, [list(commit) for commit in history.commits])
+    return history
 
 
 def _cost(c: _Candidate, mode: Mode) -> int:

@@ -19,12 +19,16 @@ A file's score is a weighted sum of FEATURES (the weights are COEFFICIENTS):
   the import graph of the outlines' imports);
 - test, non_code, init: the file is a test, is not source code (docs, config, data), is a
   package's `__init__.py`;
-- size: ln(the file's tokens / 1000): larger files hold more code, and so more of the bugs.
+- size: ln(the file's tokens / 1000): larger files hold more code, and so more of the bugs;
+- cochange, recency (agent/rank_history.py; 0 without a git history): how often the file
+  changed together with the files the issue mentions (the mention scores as weights), divided
+  by the best file's; exp(-commits since it last changed / 300).
 
 The coefficients are fitted once (a conditional logit: the softmax of the scores over a
 repository's files is the probability that a file is one the fix changes) on the tune split
 of `v4agent bench localize` (L2 penalty 0.1, by 5-fold cross-validation; the numbers are in
-docs/agent-pack-and-tools.md; agent/data/fit_rank_weights.py refits them) and fixed here:
+docs/agent-pack-and-tools.md; agent/data/fit_rank_weights.py refits them; the history ones
+on top of the others held fixed, so that without a history the scores are the others' alone) and fixed here:
 nothing is learned at run time, and the same issue and files give the same scores. The
 softmax is what the budget step maximises the expected recall of.
 """
@@ -43,12 +47,14 @@ import numpy as np
 
 from agent.outline import EXTENSIONS
 from agent.pack_files import is_test_path
+from agent.rank_history import History
 from agent.rank_terms import TermIndex, term_hash, token_terms, tokens, word_terms
 from agent.relevance import mentions, module_index, resolve_import
 
 FEATURES = ("lexical", "path", "defines", "mention", "named", "imported_by", "imports", "tests", "test", "non_code",
-            "size", "init")
-COEFFICIENTS = np.array([7.44, 1.61, 2.10, 0.34, 8.0, 1.35, 1.59, 3.25, -4.06, -3.43, 0.49, -0.99])
+            "size", "init", "cochange", "recency")
+COEFFICIENTS = np.array([7.44, 1.61, 2.10, 0.34, 8.0, 1.35, 1.59, 3.25, -4.06, -3.43, 0.49, -0.99, 0.49, 1.66])
+HISTORY_FEATURES = ("cochange", "recency")
 K1 = 1.2
 B = 0.75
 CODE_WEIGHT = 2.0
@@ -74,6 +80,7 @@ class Corpus:
     code: Sequence[bool]
     symbols: Mapping[str, Sequence[str]]
     imports: Mapping[str, Sequence[str]]
+    history: History | None = None
     _matrix: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def matrix(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -182,7 +189,13 @@ def _defines(weights: Mapping[str, float], corpus: Corpus) -> tuple[np.ndarray, 
     """The issue's terms among the terms of the names a file defines, each by its idf among
     the files defining it."""
     wanted = weights.keys()
-    matched = [{t for name in corpus.symbols.get(p, ()) for t in word_terms(name)} & wanted for p in corpus.paths]
+    if not wanted:
+        return np.zeros(len(corpus.paths)), [set() for _ in corpus.paths]
+    # Each term of a name is a piece of it lower-cased: only names holding an issue term can
+    # match, and one regex finds them faster than splitting every name of the repository.
+    holds = re.compile("|".join(re.escape(t) for t in sorted(wanted, key=lambda t: (-len(t), t)))).search
+    matched = [{t for name in corpus.symbols.get(p, ()) if holds(name.lower()) for t in word_terms(name)} & wanted
+               for p in corpus.paths]
     df = Counter(t for terms in matched for t in terms)
     n = len(corpus.paths)
     scores = np.array([sum(weights[t] * math.log1p((n - df[t] + 0.5) / (df[t] + 0.5)) for t in terms)
@@ -287,6 +300,14 @@ def rank(issue: str | None, corpus: Corpus) -> Ranking:
         "size": np.log(np.maximum(np.array(corpus.tokens, dtype=np.float64), 1.0) / 1000),
         "init": np.array([p.endswith("__init__.py") for p in paths], dtype=np.float64),
     }
+    # History: co-change with the files the issue mentions, and recency (0 without a history).
+    partners: list[tuple[int, int]] = [(-1, 0)] * len(paths)
+    since = [-1] * len(paths)
+    columns["cochange"] = columns["recency"] = np.zeros(len(paths))
+    if corpus.history is not None:
+        cochange, partners = corpus.history.cochange(paths, columns["mention"])
+        columns["cochange"] = _scaled(cochange)
+        columns["recency"], since = corpus.history.recency(paths)
     features = np.stack([columns[name] for name in FEATURES], axis=1) if paths else np.zeros((0, len(FEATURES)))
     scores = features @ COEFFICIENTS
     shifted = np.exp(scores - scores.max()) if scores.size else scores
@@ -297,6 +318,9 @@ def rank(issue: str | None, corpus: Corpus) -> Ranking:
         "mention": [f"{mentioned.scores[p]:.2f}" if p in mentioned.scores else "" for p in paths],
         "named": ["the issue names its path or module" if p in mentioned.named else "" for p in paths],
         "size": [f"{t:,} tokens" for t in corpus.tokens],
+        "cochange": [f"with {paths[j]} in {k} commit{'s' * (k != 1)}" if j >= 0 else "" for j, k in partners],
+        "recency": ["in the last commit" if k == 0 else f"{k} commit{'s' * (k != 1)} before it" if k > 0 else ""
+                    for k in since],
     }
     for kind, name in enumerate(("imported_by", "imports", "tests")):
         details[name] = [paths[j] if j >= 0 else "" for j in which[:, kind]]

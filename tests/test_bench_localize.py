@@ -1,5 +1,5 @@
 """`v4agent bench localize` on a small real repository with a history: which commits become
-cases and what their queries keep, snapshots without history, the baselines, and one run."""
+cases and what their queries keep, snapshots with their history, the baselines, and one run."""
 
 from __future__ import annotations
 
@@ -74,15 +74,16 @@ def test_cases_are_bug_fixes_of_existing_source_files_with_paths_removed(history
     assert "Co-authored-by" not in case["query"]
 
 
-def test_snapshot_is_the_parent_without_history(history, tmp_path: Path):
+def test_snapshot_is_the_parent_with_its_history(history, tmp_path: Path):
     repos, shas = history
     work = snapshot(repos / "acme+widgets.git", shas["init"], tmp_path / "work")
     assert (work / "widgets" / "core.py").read_text() == CORE
-    assert git(work, "rev-list", "--count", "HEAD") == "1" and git(work, "status", "--porcelain") == ""
-    assert git(work, "rev-parse", "HEAD^{tree}") == git(repos / "acme+widgets.git", "rev-parse", shas["init"] + "^{tree}")
-    # The same work tree moves to another commit: files it no longer has are gone.
+    assert git(work, "rev-parse", "HEAD") == shas["init"] and git(work, "status", "--porcelain") == ""
+    # The same work tree moves to another commit: files it no longer has are gone, the history
+    # up to that commit is there (and nothing after it).
     snapshot(repos / "acme+widgets.git", shas["new"], work)
-    assert (work / "widgets" / "parser.py").is_file()
+    assert (work / "widgets" / "parser.py").is_file() and git(work, "rev-parse", "HEAD") == shas["new"]
+    assert git(work, "rev-list", "--count", "HEAD") == "4" and git(work, "status", "--porcelain") == ""
     snapshot(repos / "acme+widgets.git", shas["init"], work)
     assert not (work / "widgets" / "parser.py").exists() and git(work, "status", "--porcelain") == ""
     # A directory that is not one of its work trees is never cleared.

@@ -13,8 +13,9 @@ import pytest
 
 from agent.outline import outline
 from agent.pack import pack_repository
-from agent.rank import FEATURES, Corpus, is_source, rank
+from agent.rank import COEFFICIENTS, FEATURES, Corpus, is_source, rank
 from agent.rank_budget import DROPPED, FULL, OUTLINED, Option, choose
+from agent.rank_history import read_history
 from agent.rank_terms import TermIndex, term_counts, word_terms
 from runtime.tokenizer import load_tokenizer
 
@@ -248,3 +249,82 @@ def test_the_weight_fit_recovers_known_weights():
     w = fitting.fit(data, l2=0.1)
     assert np.allclose(w, truth, atol=0.35)
     assert fitting.log_likelihood(data, w) > fitting.log_likelihood(data, np.zeros(3)) + 1.0
+
+
+def commit_files(root: Path, message: str, files: dict[str, str]) -> None:
+    for path, text in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
+    git(root, "add", ".")
+    git(root, "commit", "-q", "-m", message)
+
+
+def history_repo(root: Path) -> Path:
+    """pkg/core.py changes together with pkg/partner.py, pkg/other.py always alone and as
+    recently; none of them shares a word with the issue but core.py's path."""
+    root.mkdir()
+    git(root, "init", "-q")
+    bodies = {name: "".join(f"def {name}_{i}(x):\n    return x + {i}\n\n" for i in range(30))
+              for name in ("core", "partner", "other", "spare")}
+    commit_files(root, "start", {f"pkg/{name}.py": body for name, body in bodies.items()})
+    for round_ in range(3):
+        commit_files(root, f"core and partner {round_}", {"pkg/core.py": bodies["core"] + f"# {round_}\n",
+                                                          "pkg/partner.py": bodies["partner"] + f"# {round_}\n"})
+        commit_files(root, f"other {round_}", {"pkg/other.py": bodies["other"] + f"# {round_}\n"})
+    return root
+
+
+def test_co_change_lifts_the_file_that_changes_with_the_named_one(tmp_path: Path, tokenizer):
+    root = history_repo(tmp_path / "repo")
+    issue = "Crash when loading: see pkg/core.py"
+    result = pack_repository(root, budget=1, issue=issue, tokenizer=tokenizer, cache_dir=tmp_path / "cache")
+    ranking = result.ranking
+    assert ranking is not None
+    by_path = {p: i for i, p in enumerate(ranking.paths)}
+    cochange = ranking.features[:, FEATURES.index("cochange")]
+    recency = ranking.features[:, FEATURES.index("recency")]
+    # partner.py: three commits with core.py alone, and the first commit shared by all four.
+    assert cochange[by_path["pkg/partner.py"]] == 1.0 and cochange[by_path["pkg/other.py"]] == pytest.approx(0.1)
+    assert recency[by_path["pkg/other.py"]] == 1.0 > recency[by_path["pkg/partner.py"]] > recency[by_path["pkg/spare.py"]] > 0
+    # Other changed last, yet the file that changes with the named one ranks above it.
+    assert ranking.scores[by_path["pkg/partner.py"]] > ranking.scores[by_path["pkg/other.py"]]
+    weight = dict(zip(FEATURES, COEFFICIENTS))
+    assert f"cochange {weight['cochange']:+.2f} (with pkg/core.py in 4 commits)" in result.explain("pkg/partner.py")
+    assert f"recency {weight['recency']:+.2f} (in the last commit)" in result.explain("pkg/other.py")
+    assert "recency" in result.explain("pkg/partner.py") and "(1 commit before it)" in result.explain("pkg/partner.py")
+    # Deterministic, and the history is read once per HEAD: a new commit is seen at once.
+    again = pack_repository(root, budget=1, issue=issue, tokenizer=tokenizer, cache_dir=tmp_path / "cache")
+    assert again.ranking is not None and np.array_equal(again.ranking.scores, ranking.scores)
+    commit_files(root, "spare", {"pkg/spare.py": "def spare():\n    return 0\n"})
+    moved = pack_repository(root, budget=1, issue=issue, tokenizer=tokenizer, cache_dir=tmp_path / "cache")
+    assert moved.ranking is not None
+    assert moved.ranking.features[by_path["pkg/spare.py"], FEATURES.index("recency")] == 1.0
+
+
+def test_without_history_the_history_features_are_zero(tmp_path: Path, tokenizer):
+    """No commit yet, and a shallow clone: packing works, recency and co-change are 0, and the
+    scores are those of the other features."""
+    source = history_repo(tmp_path / "repo")
+    shallow = tmp_path / "shallow"
+    git(tmp_path, "clone", "-q", "--depth", "1", source.as_uri(), str(shallow))
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    git(fresh, "init", "-q")
+    for name in ("core", "partner", "other"):
+        (fresh / "pkg").mkdir(exist_ok=True)
+        (fresh / "pkg" / f"{name}.py").write_text((source / "pkg" / f"{name}.py").read_text())
+    issue = "Crash when loading: see pkg/core.py"
+    for root in (shallow, fresh):
+        result = pack_repository(root, budget=1, issue=issue, tokenizer=tokenizer, cache_dir=tmp_path / "cache")
+        ranking = result.ranking
+        assert ranking is not None and ranking.paths
+        history = [FEATURES.index(name) for name in ("cochange", "recency")]
+        assert not ranking.features[:, history].any()
+        assert "cochange" not in result.explain("pkg/partner.py")
+    assert read_history(shallow, shallow / ".git", git_out(shallow, "rev-parse", "HEAD")) is None
+    full = read_history(source, source / ".git", git_out(source, "rev-parse", "HEAD"))
+    assert full is not None and len(full.commits) == 7 and full.commits[0] == ("pkg/other.py",)
+
+
+def git_out(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
