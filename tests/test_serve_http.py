@@ -692,3 +692,33 @@ def test_concurrent_clients_get_their_solo_answers(server):
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(ask, range(4), [n % 2 == 0 for n in range(4)]))
     assert together == solo and len(set(solo)) > 1
+
+
+def test_a_stream_whose_client_left_before_it_began_cancels_too(server, tiny):
+    """The client is gone while the answer's headers are still being sent: the event generator
+    never starts, so its own cleanup cannot cancel the generation; the response's does."""
+    import time
+
+    from starlette.requests import Request
+
+    from runtime.serve.http import _EventStream
+
+    async def leave() -> None:
+        chat = openai_api.parse_request({"model": MODEL, "messages": CHAT, "max_tokens": 2000, "temperature": 0})
+        generation = await server.service.start(chat)
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [], "v4agent": {}}
+
+        async def receive() -> dict:
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            await asyncio.sleep(0.5)  # a slow network: the disconnect is noticed first
+
+        sse = openai_api.stream_events(generation.events(), MODEL, 0, False)
+        await _EventStream(generation, Request(scope), sse)(scope, receive, send)
+
+    asyncio.run(leave())
+    deadline = time.monotonic() + 20
+    while server.engine.stats()["running"] + server.engine.stats()["waiting"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.engine.stats()["running"] + server.engine.stats()["waiting"] == 0

@@ -131,6 +131,23 @@ def _note(request: Request, result: Result | None) -> None:
                                         completion=u.completion_tokens, finish=result.finish)
 
 
+class _EventStream(StreamingResponse):
+    """An SSE answer that, however it ends, leaves no generation behind: a client gone before
+    the first event was even asked for never starts the event generator, whose own cleanup
+    would cancel it."""
+
+    def __init__(self, generation: Generation, request: Request, sse: AsyncIterator[str]) -> None:
+        super().__init__(sse, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.generation, self.request = generation, request
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.cancel()
+            _note(self.request, self.generation.result)
+
+
 Handler = Callable[[Request, dict[str, Any]], Awaitable[Response]]
 
 
@@ -154,13 +171,7 @@ def create_app(service: Service, *, api_key: str | None = None, cors_origins: Se
         return run
 
     def stream(generation: Generation, request: Request, sse: AsyncIterator[str]) -> StreamingResponse:
-        async def body() -> AsyncIterator[str]:
-            try:
-                async for text in sse:
-                    yield text
-            finally:
-                _note(request, generation.result)
-        return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return _EventStream(generation, request, sse)
 
     async def chat_completions(request: Request, body: dict[str, Any]) -> Response:
         chat = openai_api.parse_request(body)

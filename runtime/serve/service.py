@@ -139,10 +139,14 @@ class Generation:
                     yield self.result
                     return
         finally:
-            if self.result is None:  # the client went away, or something broke: free the slot
-                self.handle.cancel()
+            self.cancel()  # when the client went away, or something broke
             if pending is not None:
                 pending.cancel()
+
+    def cancel(self) -> None:
+        """Free the engine's slot, unless the answer is complete."""
+        if self.result is None:
+            self.handle.cancel()
 
     async def result_of(self, disconnected: Any) -> Result:
         """Run to the end for a non-streaming answer; `disconnected()` (awaitable) is asked
@@ -158,6 +162,7 @@ class Generation:
                         break
         finally:
             await events.aclose()
+            self.cancel()
         if self.result is None:
             raise ApiError(499, "the client closed the connection")
         return self.result
