@@ -9,6 +9,7 @@ Run as a module, this file is the worker each rank runs (`python -m tests.test_d
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -72,6 +73,18 @@ def worker(checkpoint: str, out_dir: str, tp: int, ep: int, mode: str, timeout_s
         if rank == 0:
             torch.save(result, out / "result.pt")
         return
+    if mode == "lead":  # rank 0 alone runs the script; the others follow its model calls
+        from runtime.distributed.follow import Leader, follow
+
+        if rank:
+            (out / f"follower{rank}.json").write_text(json.dumps(follow(model)))
+            return
+        with Leader(model) as leader:
+            result = script(leader, out / "prefix")
+            gc.collect()
+            result["live_parts"] = leader.live_parts()
+        torch.save(result, out / "result.pt")
+        return
     (out / f"loaded{rank}").touch()
     if rank == 1:  # the test kills (die) or ignores (hang) this rank from here on
         time.sleep(3600)
@@ -120,7 +133,9 @@ def _expected_held(sizes: dict[str, int], tp: int, ep: int) -> float:
     return total
 
 
-LAYOUTS = {"tp2": (2, 2, 1), "ep2": (2, 1, 2), "tp2_ep4": (4, 2, 4)}
+# name: world, tp, ep, mode ("run": every rank runs the script; "lead": rank 0 runs it, rank 1 follows)
+LAYOUTS = {"tp2": (2, 2, 1, "run"), "ep2": (2, 1, 2, "run"), "tp2_ep4": (4, 2, 4, "run"),
+           "tp2_lead": (2, 2, 1, "lead")}
 
 
 @pytest.fixture(scope="module")
@@ -129,21 +144,27 @@ def parallel(checkpoint_dir, single):
 
     def run(name: str) -> tuple[dict, list[dict]]:
         if name not in runs:
-            world, tp, ep = LAYOUTS[name]
+            world, tp, ep, mode = LAYOUTS[name]
             out = single[1] / name
             out.mkdir()
             (out / "prefix").symlink_to(single[1] / "prefix")
-            done = torchrun(world, [str(checkpoint_dir("tiny", 0)), str(out), str(tp), str(ep), "run", "120"])
+            done = torchrun(world, [str(checkpoint_dir("tiny", 0)), str(out), str(tp), str(ep), mode, "120"])
             assert done.returncode == 0, done.stderr[-3000:]
             reports = [json.loads((out / f"report{r}.json").read_text()) for r in range(world)]
-            runs[name] = torch.load(out / "result.pt"), reports
+            result = torch.load(out / "result.pt")
+            if mode == "lead":  # the followers forgot every state rank 0 let go of
+                result["follower_parts"] = [json.loads((out / f"follower{r}.json").read_text())
+                                            for r in range(1, world)]
+            runs[name] = result, reports
         return runs[name]
 
     return run
 
 
-@pytest.mark.parametrize("name", ["tp2", "ep2", pytest.param("tp2_ep4", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["tp2_lead", "ep2", pytest.param("tp2", marks=pytest.mark.slow),
+                                  pytest.param("tp2_ep4", marks=pytest.mark.slow)])
 def test_parallel_equals_single(parallel, single, name):
+    """Every rank runs the same calls (SPMD), or rank 0 alone does and the others follow (lead)."""
     expected = single[0]
     got, reports = parallel(name)
     for key in ("logits", "prompt_logits", "fork_logits", "rewind_logits", "persisted_logits"):
@@ -156,7 +177,9 @@ def test_parallel_equals_single(parallel, single, name):
     assert got["foreign_key_warnings"] >= 1 and expected["foreign_key_warnings"] == 0
     # each rank read exactly its planned bytes, less than the whole checkpoint, and holds what the
     # plan says (checked at load too; here against the numbers of a single-process model)
-    _, tp, ep = LAYOUTS[name]
+    _, tp, ep, mode = LAYOUTS[name]
+    if mode == "lead":
+        assert got["follower_parts"] == [got["live_parts"]] == [0]
     for r in reports:
         assert r["read_bytes"] == r["planned_bytes"] < r["checkpoint_bytes"]
         assert r["held_bytes"] == r["planned_held_bytes"] == _expected_held(single[2], tp, ep)
