@@ -722,3 +722,10 @@ def test_a_stream_whose_client_left_before_it_began_cancels_too(server, tiny):
     while server.engine.stats()["running"] + server.engine.stats()["waiting"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.engine.stats()["running"] + server.engine.stats()["waiting"] == 0
+
+
+def test_every_interface_without_a_key_is_warned_about(tmp_path):
+    process = serve_command("--weights", str(tmp_path), "--host", "0.0.0.0", "--port", "0", "--device", "cpu")
+    _, stderr = process.communicate(timeout=120)
+    assert stderr.startswith("warning: listening on 0.0.0.0 without --api-key: anyone who can reach it")
+    assert process.returncode == 2 and "\nerror: " in stderr  # an empty directory is no checkpoint
