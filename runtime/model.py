@@ -4,11 +4,15 @@ Module and buffer names are the official checkpoint names (`layers.3.attn.wq_a.w
 `layers.3.ffn.experts.7.w1.scale`, `mtp.0.e_proj.weight`, ...), so `state_dict()`
 lines up with the files on disk one to one.
 
-Everything runs on one sequence at a time through :class:`SequenceState`: a forward
-pass over a prompt is "extend an empty state chunk by chunk", the same code path that
-incremental decoding uses. Attention is sparse as the architecture intends: a query
-reads its sliding window, its top-k CSA entries or the causal HCA entries, never a
-dense [S, S] matrix, so memory grows linearly with the sequence.
+Every sequence lives in a :class:`SequenceState`: a forward pass over a prompt is "extend
+an empty state chunk by chunk", the same code path that incremental decoding uses. One
+forward can extend several sequences at once (:meth:`Model.extend_batch`, a
+:class:`RaggedBatch` of their new rows): what is per token (embedding, mHC, projections,
+router and experts, head) runs once over all their rows, so the weights are read once
+per step; what depends on a sequence's history (its KV window, compressors, indexer,
+attention) runs on its own rows and state. Attention is sparse as the architecture
+intends: a query reads its sliding window, its top-k CSA entries or the causal HCA
+entries, never a dense [S, S] matrix, so memory grows linearly with the sequence.
 
 Two precision modes:
 * ``exact``: fp32 everything, no low-precision simulation (what the oracle computes);
@@ -232,6 +236,33 @@ class SequenceState:
         return sum(c.entries.nbytes() for s in self.layers for c in (s.compressor, s.indexer) if c is not None)
 
 
+@dataclass
+class RaggedBatch:
+    """The new rows of several sequences, concatenated: sequence i owns rows
+    `bounds[i]:bounds[i + 1]`, at positions `starts[i]`.. of its own sequence."""
+
+    ids: torch.Tensor  # [R] token ids (hash routing reads them)
+    positions: torch.Tensor  # [R] each row's position in its sequence
+    starts: list[int]
+    bounds: list[int]  # len(starts) + 1 row offsets, from 0 to R
+
+    @staticmethod
+    def of(starts: list[int], ids: list[torch.Tensor]) -> RaggedBatch:
+        lengths = [t.shape[0] for t in ids]
+        bounds = np.cumsum([0] + lengths).tolist()
+        device = ids[0].device
+        positions = [torch.arange(s, s + n, device=device) for s, n in zip(starts, lengths)]
+        # one sequence: its tensors as they are (a batch of one is exactly a single extend)
+        cat = (lambda ts: ts[0]) if len(ids) == 1 else torch.cat
+        return RaggedBatch(cat(ids), cat(positions), list(starts), bounds)
+
+    def spans(self) -> list[tuple[int, int]]:
+        return list(zip(self.bounds[:-1], self.bounds[1:]))
+
+    def lengths(self) -> list[int]:
+        return [hi - lo for lo, hi in self.spans()]
+
+
 # --------------------------------------------------------------------------------------
 # Compressor (§7) and Lightning Indexer (§8)
 # --------------------------------------------------------------------------------------
@@ -255,13 +286,16 @@ class Compressor(nn.Module):
         empty = torch.empty(0, c * self.width, device=device)
         return CompressorState(Rows(codec, self.width, dtype, device), empty, empty)
 
-    def forward(self, x: torch.Tensor, start: int, st: CompressorState) -> None:
-        """Feed tokens at positions start.. into the state; emit every window they close."""
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token projections of rows `x` at `positions`: kv and gate logits (position bias added)."""
+        return self.wkv(x), self.wgate(x) + self.ape[positions % self.ratio]
+
+    def forward(self, kv: torch.Tensor, gate: torch.Tensor, start: int, st: CompressorState) -> None:
+        """Feed one sequence's projected tokens at positions start.. into its state; emit every
+        window they close."""
         m, w = self.ratio, self.width
-        positions = torch.arange(start, start + x.shape[0], device=x.device)
-        kv = torch.cat((st.open_kv, self.wkv(x)))
-        gate = torch.cat((st.open_gate, self.wgate(x) + self.ape[positions % m]))
         first = start - st.open_kv.shape[0]  # windows are aligned to absolute positions
+        kv, gate = torch.cat((st.open_kv, kv)), torch.cat((st.open_gate, gate))
         n = kv.shape[0] // m
         # clones: a state must not pin the whole chunk's projections through a view
         st.open_kv, st.open_gate = kv[n * m:].clone(), gate[n * m:].clone()
@@ -280,7 +314,7 @@ class Compressor(nn.Module):
             st.prev_kv, st.prev_gate = kv[-1, :, :w].clone(), gate[-1, :, :w].clone()
         else:
             slots_kv, slots_gate = kv, gate
-        pool = kernels.compressor.pool if kernels.enabled(x.device, "compressor") else Compressor._pool
+        pool = kernels.compressor.pool if kernels.enabled(kv.device, "compressor") else Compressor._pool
         st.entries.append(self.finish(pool(self, slots_kv, slots_gate, first, st.entries.dtype)))
 
     def _pool(self, slots_kv: torch.Tensor, slots_gate: torch.Tensor, first: int, dtype: torch.dtype) -> torch.Tensor:
@@ -313,21 +347,39 @@ class Indexer(nn.Module):
         # reference: FP4 storage of indexer q/k after an orthonormal Hadamard rotation
         return v if self.exact else fp4_sim(hadamard(v), 32)
 
-    def forward(self, x: torch.Tensor, cq: torch.Tensor, positions: torch.Tensor,
-                st: CompressorState) -> torch.Tensor | None:
-        """Entry indices [T, k] per query, -1 where a query has fewer than k causal entries.
-
-        None when no query of the chunk sees more than k entries: then top-k selects every
-        causal entry, and attention reads them all without scoring.
-        """
-        self.compressor(x, int(positions[0]), st)
-        if (int(positions[-1]) + 1) // self.ratio <= self.topk:
-            return None
+    def queries(self, x: torch.Tensor, cq: torch.Tensor,
+                batch: RaggedBatch) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per sequence of the batch: its queries [T, heads, dim] and head weights [T, heads]
+        (fp32), or None when none of its queries sees more than k entries: then top-k selects
+        every causal entry, attention reads them all, and nothing is scored. Projected in one
+        GEMM over the rows of the sequences that score."""
+        spans = batch.spans()
+        scoring = [(start + hi - lo) // self.ratio > self.topk for start, (lo, hi) in zip(batch.starts, spans)]
+        if not any(scoring):
+            return [None] * len(scoring)
+        positions = batch.positions
+        if not all(scoring):  # only the scoring sequences' rows, packed
+            rows = torch.cat([torch.arange(lo, hi, device=x.device) for (lo, hi), s in zip(spans, scoring) if s])
+            x, cq, positions = x[rows], cq[rows], positions[rows]
         q = self.wq_b(cq).view(x.shape[0], self.n_heads, self.head_dim)
         q = self.round_keys(apply_rope(q, positions, self.freqs))
         weights = self.weights_proj(x).float() * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
-        select = kernels.indexer.select if kernels.enabled(x.device, "indexer") else Indexer._select
-        return select(self, q, weights, positions, st.entries)
+        out, at = [], 0
+        for (lo, hi), s in zip(spans, scoring):
+            out.append((q[at:at + hi - lo], weights[at:at + hi - lo]) if s else None)
+            at += hi - lo if s else 0
+        return out
+
+    def forward(self, kv: torch.Tensor, gate: torch.Tensor, queries: tuple[torch.Tensor, torch.Tensor] | None,
+                positions: torch.Tensor, st: CompressorState) -> torch.Tensor | None:
+        """One sequence: feed its compressor projections (`Compressor.project`), then its entry
+        indices [T, k] per query, -1 where a query has fewer than k causal entries; None when
+        it scores nothing (`queries` None: see :meth:`queries`)."""
+        self.compressor(kv, gate, int(positions[0]), st)
+        if queries is None:
+            return None
+        select = kernels.indexer.select if kernels.enabled(kv.device, "indexer") else Indexer._select
+        return select(self, *queries, positions, st.entries)
 
     def _select(self, q: torch.Tensor, weights: torch.Tensor, positions: torch.Tensor, rows: Rows) -> torch.Tensor:
         """Top-k entry indices [T, k] (-1 past a query's causal entries) from queries [T, heads, dim],
@@ -399,25 +451,36 @@ class Attention(nn.Module):
             st.indexer = self.indexer.compressor.new_state(device, dtype, RowCodec(cache_format, "index", rope))
         return st
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, st: LayerState) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: RaggedBatch, states: list[LayerState]) -> torch.Tensor:
+        """Attention outputs [R, d] for the batch's rows `x` [R, d]; `states[i]` is sequence i's."""
         T, H, D = x.shape[0], self.n_heads, self.head_dim
+        positions = batch.positions
+        # per token, over every sequence's rows at once
         cq = self.q_norm(self.wq_a(x))
         q = unit_rms(self.wq_b(cq).view(T, H, D), self.eps)
         q = apply_rope(q, positions, self.freqs)
         kv = self.round_kv(apply_rope(self.kv_norm(self.wkv(x)), positions, self.freqs))
-
-        # raw window: the W-1 newest vectors before this chunk, then the chunk itself
-        keys = torch.cat((st.window, kv))
-        st.window = keys[max(keys.shape[0] - (self.window - 1), 0):].clone()
-        picks = None
         if self.kind != SWA:
-            self.compressor(x, int(positions[0]), st.compressor)
+            comp_kv, comp_gate = self.compressor.project(x, positions)
         if self.kind == CSA:
-            picks = self.indexer(x, cq, positions, st.indexer)
+            index_kv, index_gate = self.indexer.compressor.project(x, positions)
+            queries = self.indexer.queries(x, cq, batch)
         attend = (kernels.attention.sparse_attention if kernels.enabled(x.device, "attention")
                   else Attention._attend_chunk)
-        out = attend(self, q, positions, keys, st.compressor.entries if self.kind != SWA else None, picks)
-        out = apply_rope(out, positions, self.freqs, inverse=True)
+        # per sequence, on its own rows and history
+        outs = []
+        for i, ((lo, hi), st) in enumerate(zip(batch.spans(), states)):
+            # raw window: the W-1 newest vectors before these rows, then the rows themselves
+            keys = torch.cat((st.window, kv[lo:hi]))
+            st.window = keys[max(keys.shape[0] - (self.window - 1), 0):].clone()
+            picks = None
+            if self.kind != SWA:
+                self.compressor(comp_kv[lo:hi], comp_gate[lo:hi], batch.starts[i], st.compressor)
+            if self.kind == CSA:
+                picks = self.indexer(index_kv[lo:hi], index_gate[lo:hi], queries[i], positions[lo:hi], st.indexer)
+            outs.append(attend(self, q[lo:hi], positions[lo:hi], keys,
+                               st.compressor.entries if self.kind != SWA else None, picks))
+        out = apply_rope(outs[0] if len(outs) == 1 else torch.cat(outs), positions, self.freqs, inverse=True)
         # grouped output projection: consecutive head groups, each to its own rank-R slice
         grouped = out.reshape(T, self.groups, -1)
         wo_a = self.wo_a.dense(x.device).view(self.groups, -1, grouped.shape[-1])
@@ -640,11 +703,12 @@ class Block(nn.Module):
         self.attn = Attention(config, kind, ratio, exact)
         self.ffn = MoE(config, hashed, exact)
 
-    def forward(self, X: torch.Tensor, positions: torch.Tensor, st: LayerState, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, X: torch.Tensor, batch: RaggedBatch, states: list[LayerState]) -> torch.Tensor:
+        """Streams [R, n, d] of the batch's rows through the layer; `states[i]` is sequence i's."""
         a, post, comb = hc_collapse(X, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, self.config)
-        X = hc_expand(self.attn(self.attn_norm(a), positions, st), X, post, comb)
+        X = hc_expand(self.attn(self.attn_norm(a), batch, states), X, post, comb)
         a, post, comb = hc_collapse(X, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, self.config)
-        return hc_expand(self.ffn(self.ffn_norm(a), ids), X, post, comb)
+        return hc_expand(self.ffn(self.ffn_norm(a), batch.ids), X, post, comb)
 
 
 class MTPBlock(Block):
@@ -664,12 +728,13 @@ class MTPBlock(Block):
         self.norm = RMSNorm(d, config.rms_norm_eps)
         _register_hc(self, "hc_head", config.hc_mult, config)
 
-    def forward(self, streams: torch.Tensor, next_embed: torch.Tensor, positions: torch.Tensor,
-                st: LayerState, next_ids: torch.Tensor) -> torch.Tensor:
-        """Final hidden state [T, d] (before the shared head) for predicting t+2."""
+    def forward(self, streams: torch.Tensor, next_embed: torch.Tensor, batch: RaggedBatch,
+                states: list[LayerState]) -> torch.Tensor:
+        """Final hidden state [R, d] (before the shared head) for predicting t+2, from the streams of
+        positions t and the embeddings of tokens t+1 (`batch.ids`), rows of several sequences."""
         e = self.e_proj(self.enorm(next_embed))
         Y = (self.h_proj(self.hnorm(streams).flatten(0, 1)).view_as(streams).float() + e.float()[:, None, :])
-        Y = super().forward(Y.to(streams.dtype), positions, st, next_ids)
+        Y = super().forward(Y.to(streams.dtype), batch, states)
         return self.norm(hc_head(Y, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.config))
 
 
@@ -751,38 +816,72 @@ class Model(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)
 
-    @torch.inference_mode()
     def extend(self, state: SequenceState, ids: torch.Tensor, *, logits: str = "last",
                return_streams: bool = False) -> ExtendOutput:
-        """Run the tokens `ids` [T] after `state.position`, updating `state` in place.
+        """Run the tokens `ids` [T] after `state.position`, updating `state` in place: a batch of one.
 
         `logits`: "last" (the last position only), "all" or "none".
         """
-        ids = ids.to(self.device)
-        T = ids.shape[0]
-        positions = torch.arange(state.position, state.position + T, device=self.device)
-        X = self.embed_tokens(ids)[:, None, :].expand(-1, self.config.hc_mult, -1).contiguous()
-        for layer, st in zip(self.layers, state.layers):
-            X = layer(X, positions, st, ids)
-        state.position += T
-        out = None
-        if logits != "none":
-            rows = X if logits == "all" else X[-1:]
-            out = self.logits(self.norm(hc_head(rows, self.hc_head_fn, self.hc_head_base, self.hc_head_scale,
-                                                 self.config)))
-        return ExtendOutput(out, X if return_streams else None)
+        return self.extend_batch([state], [ids], logits=logits, return_streams=return_streams)[0]
 
     @torch.inference_mode()
+    def extend_batch(self, states: list[SequenceState], ids: list[torch.Tensor], *, logits: str = "last",
+                     return_streams: bool = False) -> list[ExtendOutput]:
+        """Extend several sequences in one forward: `ids[i]` [T_i >= 1] runs after `states[i].position`,
+        updating each state in place; one output per sequence (`logits` and `return_streams` as in
+        :meth:`extend`). The per-token work runs once over all the rows (docs/runtime.md)."""
+        if logits not in ("last", "all", "none"):
+            raise ValueError(f"logits must be 'last', 'all' or 'none', got {logits!r}")
+        self._check_batch(states, ids)
+        batch = RaggedBatch.of([st.position for st in states], [t.to(self.device) for t in ids])
+        X = self.embed_tokens(batch.ids)[:, None, :].expand(-1, self.config.hc_mult, -1).contiguous()
+        for i, layer in enumerate(self.layers):
+            X = layer(X, batch, [st.layers[i] for st in states])
+        for st, n in zip(states, batch.lengths()):
+            st.position += n
+        per_sequence: list[torch.Tensor | None] = [None] * len(states)
+        if logits != "none":
+            last = torch.tensor(batch.bounds[1:], device=self.device) - 1
+            rows = X if logits == "all" else X[last]
+            out = self.logits(self.norm(hc_head(rows, self.hc_head_fn, self.hc_head_base, self.hc_head_scale,
+                                                 self.config)))
+            per_sequence = list(out.split(batch.lengths() if logits == "all" else 1))
+        return [ExtendOutput(out, X[lo:hi] if return_streams else None)
+                for out, (lo, hi) in zip(per_sequence, batch.spans())]
+
+    @staticmethod
+    def _check_batch(states: list[SequenceState], ids: list[torch.Tensor]) -> None:
+        if len(states) != len(ids) or not states:
+            raise ValueError(f"a batch needs one ids tensor per state, at least one; got {len(states)} states "
+                             f"and {len(ids)} ids tensors")
+        if len({id(st) for st in states}) != len(states):
+            raise ValueError("a state appears twice in one batch")
+        for t in ids:
+            if t.dim() != 1 or t.shape[0] == 0:
+                raise ValueError(f"each sequence's ids must be a non-empty 1-d tensor, got shape {tuple(t.shape)}")
+
     def mtp_logits(self, state: SequenceState, streams: torch.Tensor, next_ids: torch.Tensor,
                    start: int) -> torch.Tensor:
-        """Draft logits [T, V] for positions start+2.. from main streams at start.. and tokens start+1.."""
-        if start != state.mtp_position:
-            raise ValueError(f"the MTP block continues at position {state.mtp_position}, not {start}")
-        positions = torch.arange(start, start + streams.shape[0], device=self.device)
-        hidden = self.mtp[0](streams, self.embed_tokens(next_ids.to(self.device)), positions, state.mtp[0],
-                             next_ids.to(self.device))
-        state.mtp_position += streams.shape[0]
-        return self.logits(hidden)
+        """Draft logits [T, V] for positions start+2.. from main streams at start.. and tokens start+1..
+        (a batch of one)."""
+        return self.mtp_logits_batch([state], [streams], [next_ids], [start])[0]
+
+    @torch.inference_mode()
+    def mtp_logits_batch(self, states: list[SequenceState], streams: list[torch.Tensor],
+                         next_ids: list[torch.Tensor], starts: list[int]) -> list[torch.Tensor]:
+        """:meth:`mtp_logits` for several sequences in one forward of the MTP block."""
+        self._check_batch(states, next_ids)
+        for st, rows, nxt, start in zip(states, streams, next_ids, starts, strict=True):
+            if start != st.mtp_position:
+                raise ValueError(f"the MTP block continues at position {st.mtp_position}, not {start}")
+            if rows.shape[0] != nxt.shape[0]:
+                raise ValueError(f"{rows.shape[0]} stream rows for {nxt.shape[0]} next tokens")
+        batch = RaggedBatch.of(starts, [t.to(self.device) for t in next_ids])
+        X = streams[0] if len(streams) == 1 else torch.cat(streams)
+        hidden = self.mtp[0](X, self.embed_tokens(batch.ids), batch, [st.mtp[0] for st in states])
+        for st, n in zip(states, batch.lengths()):
+            st.mtp_position += n
+        return list(self.logits(hidden).split(batch.lengths()))
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
