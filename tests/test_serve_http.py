@@ -729,3 +729,38 @@ def test_every_interface_without_a_key_is_warned_about(tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert stderr.startswith("warning: listening on 0.0.0.0 without --api-key: anyone who can reach it")
     assert process.returncode == 2 and "\nerror: " in stderr  # an empty directory is no checkpoint
+
+
+def _rss_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.slow  # 64 clients x 2 rounds x 2 requests on the CPU: ~3 min on 2 busy cores
+def test_64_concurrent_clients_no_errors_bounded_memory_solo_answers(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = openai_client(server)
+    prompts = [f"case {n}: " + "edge " * n for n in range(8)]
+
+    def ask(prompt: str, stream: bool) -> str:
+        fields = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 3,
+                  "temperature": 0, "reasoning_effort": "none"}
+        if not stream:
+            return client.chat.completions.create(**fields).choices[0].message.content
+        return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**fields, stream=True))
+
+    solo = {prompt: ask(prompt, False) for prompt in prompts}
+
+    def loop(n: int) -> list[tuple[str, str]]:
+        return [(prompts[(n + k) % 8], ask(prompts[(n + k) % 8], (n + k) % 2 == 0)) for k in range(2)]
+
+    with ThreadPoolExecutor(64) as pool:
+        list(pool.map(loop, range(64)))  # a warm-up round: connection pools, caches
+        before = _rss_bytes()
+        answers = [pair for pairs in pool.map(loop, range(64)) for pair in pairs]
+    assert len(answers) == 128 and all(answer == solo[prompt] for prompt, answer in answers)
+    assert _rss_bytes() - before < 256 << 20
+    assert server.engine.stats()["errors"] == 0
