@@ -11,7 +11,7 @@ with uncommitted edits or untracked, by path — the same commit and issue give 
 Budget: the whole repository when it fits. Otherwise each file is full, outlined (tree-sitter
 signatures, see agent/outline.py) or dropped, chosen to maximise the expected recall of the
 files the task needs: agent/rank.py scores every file for the issue (contents, paths, names
-the issue mentions, kind and size) and turns the scores into the probability p that a file is
+the issue mentions, kind and size, git history) and turns the scores into the probability p that a file is
 one to change; a full file is worth p, an outline OUTLINE_VALUE * p (the model can find the
 file and read it with a tool), and agent/rank_budget.py picks the modes of the DP_FILES most
 likely files with the largest total worth within the budget; the budget left is filled one

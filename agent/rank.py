@@ -319,8 +319,8 @@ def rank(issue: str | None, corpus: Corpus) -> Ranking:
         "named": ["the issue names its path or module" if p in mentioned.named else "" for p in paths],
         "size": [f"{t:,} tokens" for t in corpus.tokens],
         "cochange": [f"with {paths[j]} in {k} commit{'s' * (k != 1)}" if j >= 0 else "" for j, k in partners],
-        "recency": ["in the last commit" if k == 0 else f"{k} commit{'s' * (k != 1)} before it" if k > 0 else ""
-                    for k in since],
+        "recency": ["changed in the last commit" if k == 0 else f"changed {k} commit{'s' * (k != 1)} back" if k > 0
+                    else "" for k in since],
     }
     for kind, name in enumerate(("imported_by", "imports", "tests")):
         details[name] = [paths[j] if j >= 0 else "" for j in which[:, kind]]

@@ -290,8 +290,8 @@ def test_co_change_lifts_the_file_that_changes_with_the_named_one(tmp_path: Path
     assert ranking.scores[by_path["pkg/partner.py"]] > ranking.scores[by_path["pkg/other.py"]]
     weight = dict(zip(FEATURES, COEFFICIENTS))
     assert f"cochange {weight['cochange']:+.2f} (with pkg/core.py in 4 commits)" in result.explain("pkg/partner.py")
-    assert f"recency {weight['recency']:+.2f} (in the last commit)" in result.explain("pkg/other.py")
-    assert "recency" in result.explain("pkg/partner.py") and "(1 commit before it)" in result.explain("pkg/partner.py")
+    assert f"recency {weight['recency']:+.2f} (changed in the last commit)" in result.explain("pkg/other.py")
+    assert "recency" in result.explain("pkg/partner.py") and "(changed 1 commit back)" in result.explain("pkg/partner.py")
     # Deterministic, and the history is read once per HEAD: a new commit is seen at once.
     again = pack_repository(root, budget=1, issue=issue, tokenizer=tokenizer, cache_dir=tmp_path / "cache")
     assert again.ranking is not None and np.array_equal(again.ranking.scores, ranking.scores)
