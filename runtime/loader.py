@@ -46,7 +46,16 @@ def load(source: str | Path | ModelConfig, precision: str = "exact", device: str
     reference's FP8/FP4 simulations). Routed experts stay in their FP4/FP8 checkpoint format
     and are dequantized on use; `offload_experts=True` keeps them in host memory (with a
     checkpoint, memory-mapped from disk) and moves only the experts a chunk uses to `device`.
+
+    Under torchrun (several ranks) each rank loads its part of the checkpoint; rank 0 gets the
+    model and every other rank follows its calls, then exits (runtime/distributed/follow.py).
     """
+    from runtime.distributed.follow import launched, load_launched
+
+    if launched():  # torchrun started several ranks: split the model, rank 0 leads (docs/distributed.md)
+        if offload_experts:
+            raise ValueError("offload_experts is for one process; under torchrun the experts are split instead")
+        return load_launched(source, precision, device)
     device = torch.device(device)
     weights: WeightSource
     if isinstance(source, ModelConfig) or str(source) in RELEASED or Path(source).is_file():

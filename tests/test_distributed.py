@@ -295,6 +295,26 @@ def test_lost_rank_ends_the_job_with_an_error(checkpoint_dir, tmp_path, how):
     assert took < 30
 
 
+@pytest.mark.slow  # a full agent turn (a ~1.5K-token prefill) on two ranks
+def test_fix_with_weights_under_torchrun(tmp_path, monkeypatch):
+    """`v4agent fix --weights` unchanged under torchrun: runtime.load splits the model, rank 0 runs the
+    agent, rank 1 follows its model calls; the run ends (no patch from noise: exit code 1)."""
+    from runtime.checkpoint import make_tiny
+    from tests.fixtures_agent import isolate, make_repo
+
+    isolate(monkeypatch, tmp_path)
+    checkpoint = make_tiny(tmp_path / "checkpoint")  # the real vocabulary: the agent tokenizes text
+    repo = make_repo(tmp_path / "repo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python",
+           str(Path(sys.executable).with_name("v4agent")), "fix", "add is wrong", "--repo", str(repo),
+           "--weights", str(checkpoint), "--device", "cpu", "--max-turns", "1", "--json"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", V4AGENT_MAX_TURN_TOKENS="8", V4AGENT_TP="1", V4AGENT_EP="2")
+    done = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = json.loads(done.stdout)
+    assert (out["stop"], out["turns"], out["cached_tokens"]) == ("max_turns", 1, 0), done.stderr[-3000:]
+    assert 1 <= out["tokens_out"] <= 8
+
+
 if __name__ == "__main__":
     checkpoint, out_dir, tp, ep, mode, timeout_s = sys.argv[1:7]
     worker(checkpoint, out_dir, int(tp), int(ep), mode, float(timeout_s))

@@ -4,6 +4,8 @@ make the same call on their own part of the model.
 
 Rank 0 wraps its model in :class:`Leader` and uses it as it would the model (sessions, pools and
 servers need no change); every other rank calls :func:`follow` and returns when the leader closes.
+Under torchrun `runtime.load` does both (:func:`load_launched`), so a command that loads weights
+through it runs as one program on rank 0 with the other ranks following.
 The followers keep their own copy of every sequence state rank 0 still holds. States are never
 written in place (runtime.model.SequenceState), so a state's contents are named by its tensors:
 the main part by layer 0's window tensor, the MTP part by the MTP block's. Each new part gets the
@@ -15,15 +17,18 @@ as rank 0 is alive and thinking; the model's own collectives keep their timeout.
 
 from __future__ import annotations
 
+import atexit
 import io
+import os
 import weakref
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from runtime.distributed import comm
+from runtime.distributed import comm, shard
 from runtime.distributed.shard import ShardedModel
 from runtime.model import ExtendOutput, SequenceState
 
@@ -199,4 +204,34 @@ def follow(model: ShardedModel) -> int:
             raise comm.RankFailure(f"rank 0 announced an unknown operation {op!r}")
 
 
-__all__ = ["Leader", "follow"]
+def launched() -> bool:
+    """Whether torchrun started this process as one rank of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def load_launched(source: str | Path, precision: str, device: str | torch.device) -> Leader:
+    """`runtime.load` under torchrun: every rank loads its part (sizes from V4AGENT_TP / V4AGENT_EP,
+    defaults from the world size; a rank waits V4AGENT_DIST_TIMEOUT seconds, default 600, for
+    the others). Rank 0 gets a :class:`Leader`, closed when its process exits; every other rank
+    follows it, then exits: the program that called `load` goes on on rank 0 only."""
+    if not Path(source).is_dir():
+        raise ValueError(f"under torchrun, runtime.load needs a checkpoint directory, got {str(source)!r}")
+    sizes = {}
+    for name in ("V4AGENT_TP", "V4AGENT_EP"):
+        value = os.environ.get(name, "")
+        if value and not value.isdigit():
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        sizes[name] = int(value) if value else None
+    rank, _ = comm.init(float(os.environ.get("V4AGENT_DIST_TIMEOUT", comm.DEFAULT_TIMEOUT_S)))
+    if torch.device(device).type == "cuda":  # one GPU per rank, as torchrun numbers them
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    model = shard.load(source, precision, device, tp=sizes["V4AGENT_TP"], ep=sizes["V4AGENT_EP"])
+    if rank:
+        follow(model)
+        raise SystemExit(0)
+    leader = Leader(model)
+    atexit.register(leader.close)
+    return leader
+
+
+__all__ = ["Leader", "follow", "launched", "load_launched"]
