@@ -414,10 +414,10 @@ def test_models_health_and_the_api_key_on_every_endpoint(server):
     assert "v4agent_engine_running 0" in metrics and "v4agent_engine_tokens_per_s" in metrics
 
 
-def test_cors_only_for_the_origins_asked_for(server):
+def test_cors_only_for_the_origins_asked_for_and_bodies_are_capped(server):
     from runtime.serve.http import create_app
 
-    other = Serving(create_app(server.service, api_key=KEY, cors_origins=["https://app.example"]))
+    other = Serving(create_app(server.service, api_key=KEY, cors_origins=["https://app.example"], max_body_bytes=4096))
     try:
         preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key"}
         allowed = http(other, "OPTIONS", "/v1/chat/completions", headers={"Origin": "https://app.example", **preflight})
@@ -425,6 +425,9 @@ def test_cors_only_for_the_origins_asked_for(server):
         denied = http(other, "OPTIONS", "/v1/chat/completions", headers={"Origin": "https://evil.example", **preflight})
         assert "access-control-allow-origin" not in denied.headers
         assert http(other, "GET", "/v1/models", headers={"Origin": "https://app.example"}).status_code == 401
+        big = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "x" * 5000}]}
+        refused = http(other, "POST", "/v1/messages", json=big, headers={"x-api-key": KEY})
+        assert refused.status_code == 413 and refused.json()["error"]["type"] == "request_too_large"
     finally:
         other.close()
 

@@ -42,7 +42,7 @@ from runtime.serve.chat import ApiError, Result
 from runtime.serve.service import Generation, Service
 
 log = logging.getLogger("v4agent.serve")
-MAX_BODY_BYTES = 256 << 20  # a 1M-token conversation is ~4-10 MB of JSON
+MAX_BODY_BYTES = 64 << 20  # a 1M-token conversation is ~4-10 MB of JSON
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -104,12 +104,12 @@ class _Gate:
                      (time.perf_counter() - started) * 1000, extra)
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
+async def _json_body(request: Request, limit: int) -> dict[str, Any]:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB", "request_too_large")
+        if size > limit:
+            raise ApiError(413, f"the request body is over {limit:,} bytes", "request_too_large")
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
@@ -151,7 +151,8 @@ class _EventStream(StreamingResponse):
 Handler = Callable[[Request, dict[str, Any]], Awaitable[Response]]
 
 
-def create_app(service: Service, *, api_key: str | None = None, cors_origins: Sequence[str] = ()) -> Starlette:
+def create_app(service: Service, *, api_key: str | None = None, cors_origins: Sequence[str] = (),
+               max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
     """The server's ASGI app."""
     counts: Counter[tuple[str, int]] = Counter()
     created = openai_api.now()
@@ -159,7 +160,7 @@ def create_app(service: Service, *, api_key: str | None = None, cors_origins: Se
     def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def run(request: Request) -> Response:
             try:
-                body = await _json_body(request)
+                body = await _json_body(request, max_body_bytes)
                 request.scope["v4agent"]["model"] = json.dumps(body.get("model"))[:100]
                 return await handler(request, body)
             except ApiError as e:
