@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runtime.dsml import ContentDelta, ReasoningDelta
 from runtime.encoding import EOS, PromptEncoder, PromptSettings, render_completion
@@ -168,6 +170,50 @@ def test_parts_v4_cannot_read_are_named_in_the_text():
     chat = openai_api.parse_request(body({"role": "user", "content": [
         {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}))
     assert chat.messages[-1].content == "what is this?\n\n[Unsupported image_url]"  # as the reference encoder
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats(allow_nan=False) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                    max_leaves=8)
+VALID = {
+    "chat": (openai_api, {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS[:1],
+                          "max_tokens": 5, "stream": True}),
+    "messages": (anthropic_api, {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+                                 "tools": [{"name": "f", "input_schema": {}}], "thinking": {"type": "enabled"}}),
+    "responses": (responses_api, {"model": "m", "input": [{"role": "user", "content": "hi"}],
+                                  "tools": [{"type": "function", "name": "f"}], "reasoning": {"effort": "high"}}),
+}
+
+
+@given(st.sampled_from(sorted(VALID)), st.data())
+@settings(max_examples=300, deadline=None)
+def test_any_json_in_any_field_is_a_chat_or_a_400(tokenizer, api: str, data):
+    """Whatever value lands in whichever field (nested ones too), the request becomes a
+    conversation or a 400 naming the problem: never another exception, which would be a 500."""
+    module, valid = VALID[api]
+    request = json.loads(json.dumps(valid))
+    path = data.draw(st.sampled_from(_paths(request)))
+    value = data.draw(JSON)
+    _put(request, path, value)
+    try:
+        chat = module.parse_request(request)
+        prompt_ids(chat, PromptEncoder(tokenizer), "preview", ToolCallMap())
+    except ApiError as e:
+        assert 400 <= e.status < 500 and e.message
+
+
+def _paths(value, prefix=()) -> list[tuple]:
+    out = [prefix] if prefix else []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+    for key, inner in items:
+        out += _paths(inner, (*prefix, key))
+    return out + ([(*prefix, "extra")] if isinstance(value, dict) else [])
+
+
+def _put(request, path: tuple, value) -> None:
+    for key in path[:-1]:
+        request = request[key]
+    request[path[-1]] = value
 
 
 @pytest.mark.parametrize("fields, think", [
