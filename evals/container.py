@@ -45,6 +45,7 @@ from evals.instances import Instance
 from evals.proc import EvalError, Finished, run
 from evals.repos import RepoStore
 from evals.sandbox import Bind
+from tools.sandbox import borrowed_objects
 
 BASE_SUITE = "bookworm"
 VENV = "/opt/venv"
@@ -178,14 +179,6 @@ def env_image(engine: Engine, spec: EnvSpec, log: Path | None = None) -> str:
 
 # --- grading in an instance container ------------------------------------------------------------
 
-def _borrowed_objects(worktree: Path) -> list[Path]:
-    """The object folders a `git clone --shared` work tree borrows (its alternates)."""
-    alternates = worktree / ".git" / "objects" / "info" / "alternates"
-    if not alternates.is_file():
-        return []
-    return [Path(line.strip()) for line in alternates.read_text().splitlines() if line.strip()]
-
-
 class InstanceContainer:
     """One instance's container: started with the network for its setup, then cut off; the
     grader's commands run in it through `runner` (the signature of evals.grader's sandbox)."""
@@ -194,7 +187,7 @@ class InstanceContainer:
         self.engine, self.worktree, self.logs = engine, worktree, logs
         self.name = f"v4agent-eval-{uuid.uuid4().hex[:12]}"
         mounts = ["-v", f"{worktree}:/testbed", "-v", f"{logs}:/v4agent-logs:ro", "-v", f"{_CERTS}:{_CERTS}:ro"]
-        for objects in _borrowed_objects(worktree):
+        for objects in borrowed_objects(worktree):
             mounts += ["-v", f"{objects}:{objects}:ro"]
         _engine(engine, "run", "-d", "--name", self.name, *_limits(), *mounts, "-w", "/testbed", image,
                 "sleep", "infinity")

@@ -91,6 +91,27 @@ def test_git_works_inside_without_showing_the_users_checkout(workspace: Workspac
     assert str(workspace.repo) not in result.output and sandbox.OBJECTS_MOUNT in result.output
 
 
+def test_git_works_inside_when_the_users_repository_borrows_at_second_hand(tmp_path: Path):
+    """The user's checkout is itself a `clone --shared` of a shared clone: the agent's copy then
+    reads objects through two levels of alternates, and every level must be shown (none of the
+    host paths named)."""
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    (origin / "app.py").write_text("print('hi')\n")
+    git(origin, "init", "-q")
+    git(origin, "add", ".")
+    git(origin, "commit", "-qm", "first")
+    middle, user = tmp_path / "middle", tmp_path / "user-checkout"
+    git(tmp_path, "clone", "-q", "--shared", str(origin), str(middle))
+    git(tmp_path, "clone", "-q", "--shared", str(middle), str(user))
+    work = Workspace.create(user, tmp_path / "runs" / "work").root
+    result = call("run", {"command": "git log --oneline && git show --stat HEAD && "
+                          "cat .git/objects/info/alternates " + sandbox.OBJECTS_MOUNT + "/*/info/alternates"},
+                  work)
+    assert "first" in result.output and "app.py" in result.output and "error" not in result.output, result.output
+    assert str(origin) not in result.output and str(middle) not in result.output, result.output
+
+
 def test_the_work_tree_stays_usable_by_both_sides(workspace: Workspace):
     """Root hands the tree to the sandbox's uid; files v4agent writes afterwards are handed over too."""
     call("write_file", {"path": "pkg/new.py", "content": "x = 1\n"}, workspace.root)

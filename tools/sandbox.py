@@ -186,12 +186,25 @@ class Command:
 
 
 def borrowed_objects(root: Path) -> list[Path]:
-    """The object directories a shared clone at `root` borrows (git's alternates)."""
-    alternates = root / ".git" / "objects" / "info" / "alternates"
-    if not alternates.is_file():
-        return []
-    lines = alternates.read_text(encoding="utf-8", errors="replace").splitlines()
-    return [Path(line) for line in lines if line.strip() and not line.startswith("#") and Path(line).is_dir()]
+    """The object directories a shared clone at `root` borrows (git's alternates), at any depth:
+    a `clone --shared` of a shared clone reads objects through its source's alternates too. As
+    git reads them: one path a line, relative ones to the objects directory that lists them."""
+    found: list[Path] = []
+
+    def follow(objects: Path, depth: int) -> None:
+        alternates = objects / "info" / "alternates"
+        if depth > 5 or not alternates.is_file():  # git's own nesting limit
+            return
+        for line in alternates.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            path = (objects / line.strip()).resolve()
+            if path.is_dir() and path not in found:
+                found.append(path)
+                follow(path, depth + 1)
+
+    follow(root / ".git" / "objects", 0)
+    return found
 
 
 def command(root: Path, argv: Sequence[str], env: dict[str, str], *, limits: Limits = Limits(), uid: int = 65000,
@@ -254,6 +267,9 @@ def command(root: Path, argv: Sequence[str], env: dict[str, str], *, limits: Lim
                          OBJECTS_MOUNT]
             for index, objects in enumerate(borrowed):
                 args += ["--ro-bind", str(objects), f"{OBJECTS_MOUNT}/{index}"]
+                if (objects / "info" / "alternates").is_file():
+                    # the top list names every level; a nested one would name host paths
+                    args += ["--ro-bind", "/dev/null", f"{OBJECTS_MOUNT}/{index}/info/alternates"]
             if borrowed:  # git inside reads the neutral paths; the user's checkout stays unseen
                 fds.append(_data_fd("".join(f"{OBJECTS_MOUNT}/{i}\n" for i in range(len(borrowed))).encode()))
                 args += ["--perms", "0444", "--ro-bind-data", str(fds[-1]),
