@@ -624,6 +624,7 @@ def test_prefill_keeps_the_stream_alive(server):
     for path, payload, alive in [
         ("/v1/chat/completions", {"model": MODEL, "messages": long_chat, "max_tokens": 1, "stream": True}, ": "),
         ("/v1/messages", {"model": MODEL, "messages": long_chat, "max_tokens": 1, "stream": True}, "event: ping"),
+        ("/v1/responses", {"model": MODEL, "input": long_chat, "max_output_tokens": 1, "stream": True}, ": "),
     ]:
         with httpx.stream("POST", server.url + path, json=payload, headers={"x-api-key": KEY}, timeout=120) as answer:
             lines = list(answer.iter_lines())
