@@ -189,13 +189,7 @@ def _defines(weights: Mapping[str, float], corpus: Corpus) -> tuple[np.ndarray, 
     """The issue's terms among the terms of the names a file defines, each by its idf among
     the files defining it."""
     wanted = weights.keys()
-    if not wanted:
-        return np.zeros(len(corpus.paths)), [set() for _ in corpus.paths]
-    # Each term of a name is a piece of it lower-cased: only names holding an issue term can
-    # match, and one regex finds them faster than splitting every name of the repository.
-    holds = re.compile("|".join(re.escape(t) for t in sorted(wanted, key=lambda t: (-len(t), t)))).search
-    matched = [{t for name in corpus.symbols.get(p, ()) if holds(name.lower()) for t in word_terms(name)} & wanted
-               for p in corpus.paths]
+    matched = [{t for name in corpus.symbols.get(p, ()) for t in word_terms(name)} & wanted for p in corpus.paths]
     df = Counter(t for terms in matched for t in terms)
     n = len(corpus.paths)
     scores = np.array([sum(weights[t] * math.log1p((n - df[t] + 0.5) / (df[t] + 0.5)) for t in terms)
