@@ -620,7 +620,7 @@ def test_an_unknown_tool_call_id_is_a_counted_miss(server):
 def test_prefill_keeps_the_stream_alive(server):
     import httpx
 
-    long_chat = [{"role": "user", "content": "word " * 600}]
+    long_chat = [{"role": "user", "content": "word " * 300}]
     for path, payload, alive in [
         ("/v1/chat/completions", {"model": MODEL, "messages": long_chat, "max_tokens": 1, "stream": True}, ": "),
         ("/v1/messages", {"model": MODEL, "messages": long_chat, "max_tokens": 1, "stream": True}, "event: ping"),
