@@ -269,7 +269,7 @@ class Ranking:
 
 
 def rank(issue: str | None, corpus: Corpus) -> Ranking:
-    """Score every file of `corpus` for `issue` (None: by the priors alone, size and kind)."""
+    """Score every file of `corpus` for `issue` (None: by the priors alone: kind, size, recency)."""
     query = Query.of(issue or "")
     paths = corpus.paths
     lexical = _bm25(query.weights, corpus)

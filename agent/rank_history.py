@@ -86,8 +86,9 @@ def read_history(root: Path, git_dir: Path, head: str) -> History | None:
         return None  # a shallow clone's history ends at its graft: recency and co-change would lie
     try:
         done = subprocess.run(
+            # Names only: no diff text, so no external diff or textconv program of the repository's config runs.
             ["git", "-C", str(root), "-c", "core.quotePath=false", "log", f"-n{HISTORY_COMMITS}", "--no-merges",
-             "--no-renames", "--name-only", "--format=%x00", head, "--"],
+             "--no-renames", "--no-ext-diff", "--no-textconv", "--name-only", "--format=%x00", head, "--"],
             capture_output=True, timeout=HISTORY_TIMEOUT_S, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
