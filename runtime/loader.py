@@ -50,9 +50,11 @@ def load(source: str | Path | ModelConfig, precision: str = "exact", device: str
     Under torchrun (several ranks) each rank loads its part of the checkpoint; rank 0 gets the
     model and every other rank follows its calls, then exits (runtime/distributed/follow.py).
     """
-    from runtime.distributed.follow import launched, load_launched
+    from runtime.distributed import launched
 
     if launched():  # torchrun started several ranks: split the model, rank 0 leads (docs/distributed.md)
+        from runtime.distributed.follow import load_launched
+
         if offload_experts:
             raise ValueError("offload_experts is for one process; under torchrun the experts are split instead")
         return load_launched(source, precision, device)

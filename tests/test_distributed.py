@@ -315,6 +315,47 @@ def test_fix_with_weights_under_torchrun(tmp_path, monkeypatch):
     assert 1 <= out["tokens_out"] <= 8
 
 
+def _serve_greedy(checkpoint: Path, launcher: list[str], env: dict[str, str]) -> str:
+    """Start `v4agent serve` (through `launcher`), ask one greedy chat completion, stop it; its text."""
+    import re
+    import urllib.request
+
+    cmd = [*launcher, str(Path(sys.executable).with_name("v4agent")), "serve", "--weights", str(checkpoint),
+           "--device", "cpu", "--port", str(_free_port()), "--precision", "exact"]  # one port: ranks would clash
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        while (found := re.search(r"serving \S+ on (http://\S+/v1)", seen)) is None:
+            line = proc.stderr.readline()
+            assert line, f"serve ended before listening: {seen[-3000:]}"
+            seen += line
+        body = json.dumps({"model": checkpoint.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                           "temperature": 0}).encode()
+        request = urllib.request.Request(f"{found.group(1)}/chat/completions", body,
+                                         {"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            message = json.loads(answer.read())["choices"][0]["message"]
+        return message["reasoning_content"] or message["content"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+
+
+@pytest.mark.slow  # two servers started and stopped
+def test_serve_under_torchrun_answers_as_one_process(tmp_path, monkeypatch):
+    """`v4agent serve` under torchrun: rank 0 listens and runs the engine, rank 1 follows; a greedy
+    answer is the single-process server's."""
+    from runtime.checkpoint import make_tiny
+    from tests.fixtures_agent import isolate
+
+    isolate(monkeypatch, tmp_path)
+    checkpoint = make_tiny(tmp_path / "checkpoint")
+    env = dict(os.environ, OMP_NUM_THREADS="1", V4AGENT_TP="2", V4AGENT_EP="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python"]
+    parallel = _serve_greedy(checkpoint, torchrun, env)
+    assert parallel and parallel == _serve_greedy(checkpoint, [], env)
+
+
 if __name__ == "__main__":
     checkpoint, out_dir, tp, ep, mode, timeout_s = sys.argv[1:7]
     worker(checkpoint, out_dir, int(tp), int(ep), mode, float(timeout_s))

@@ -53,10 +53,14 @@ def serve_cmd(
         raise fail(f"--port must be 0..65535, not {port}")
     if max_running < 1:
         raise fail("--max-running must be at least 1")
-    try:
-        listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-    except OSError as e:
-        raise fail(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    from runtime.distributed import follower
+
+    listener = None
+    if not follower():  # under torchrun only rank 0 listens; the others follow its model calls (runtime.load)
+        try:
+            listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        except OSError as e:
+            raise fail(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     if not api_key and not _loopback(host):
         typer.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use the model",
                    err=True)

@@ -204,11 +204,6 @@ def follow(model: ShardedModel) -> int:
             raise comm.RankFailure(f"rank 0 announced an unknown operation {op!r}")
 
 
-def launched() -> bool:
-    """Whether torchrun started this process as one rank of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
-
-
 def load_launched(source: str | Path, precision: str, device: str | torch.device) -> Leader:
     """`runtime.load` under torchrun: every rank loads its part (sizes from V4AGENT_TP / V4AGENT_EP,
     defaults from the world size; a rank waits V4AGENT_DIST_TIMEOUT seconds, default 600, for
@@ -234,4 +229,4 @@ def load_launched(source: str | Path, precision: str, device: str | torch.device
     return leader
 
 
-__all__ = ["Leader", "follow", "launched", "load_launched"]
+__all__ = ["Leader", "follow", "load_launched"]
