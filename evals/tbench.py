@@ -365,9 +365,14 @@ def _v4(task: Task, env: Environment, trial: Path, template: str | None) -> tupl
         raise Refused("the v4 agent runs in the host environment only (not yet inside containers)")
     template = template or TB_FIX_CMD
     variables, backend_files = backend_access(template)
-    git("init", "--quiet", cwd=env.app)  # `fix` works on a git work tree: a throwaway one
-    git("add", "--all", cwd=env.app)
-    git("commit", "--quiet", "--allow-empty", "-m", "task start", cwd=env.app, env={**os.environ, **_GIT_IDENTITY})
+    # `fix` works on a git work tree: a throwaway one, unless the task's folder is a repository of
+    # its own, which the verifier may look at and so must keep its history
+    throwaway = not (env.app / ".git").exists()
+    if throwaway:
+        git("init", "--quiet", cwd=env.app)
+        git("add", "--all", cwd=env.app)
+        git("commit", "--quiet", "--allow-empty", "-m", "task start", cwd=env.app,
+            env={**os.environ, **_GIT_IDENTITY})
     (env.logs / "agent" / "instruction.md").write_text(_WORKDIR_NOTE.format(workdir=env.workdir) + task.instruction)
     argv = fix_argv(template, repo=env.workdir, issue_file="/logs/agent/instruction.md", instance_id=task.name)
     cache = cache_root().resolve()
@@ -377,7 +382,12 @@ def _v4(task: Task, env: Environment, trial: Path, template: str | None) -> tupl
     empty = trial / ".hidden"
     empty.mkdir(exist_ok=True)
     hidden = [*task.hidden, project / "evals" / "data"]
+    # A task's own repository was made by its build steps as the sandbox's uid: git trusts it only
+    # through a global setting (the clone `fix` makes drops settings given in the environment).
+    gitconfig = trial / "gitconfig"
+    gitconfig.write_text(f"[safe]\n\tdirectory = {env.workdir}\n\tdirectory = {env.workdir}/.git\n")
     binds = [Bind(env.app, env.workdir), Bind(env.logs / "agent", "/logs/agent"), Bind(cache, str(cache)),
+             Bind(gitconfig, "/root/.gitconfig", writable=False),
              *(Bind(empty if p.is_dir() else Path("/dev/null"), str(p), writable=False) for p in hidden if p.exists())]
     sandbox = scratch_argv(binds, env.workdir, network=True,
                            read_only=(*code, Path(sys.prefix).resolve(), *backend_files))
@@ -385,7 +395,8 @@ def _v4(task: Task, env: Environment, trial: Path, template: str | None) -> tupl
                  "PATH": f"{Path(sys.executable).parent}:{PATH}"}
     done = run(sandbox + argv, cwd=trial, env=scratch_environ(variables), timeout=_limit(task.agent_timeout),
                log=trial / "agent.log")
-    shutil.rmtree(env.app / ".git", ignore_errors=True)
+    if throwaway:
+        shutil.rmtree(env.app / ".git", ignore_errors=True)
     reported = last_json_line(done.output)
     if done.output.startswith("bwrap:") or (done.code == 2 and not reported):
         raise EvalError(f"the v4 agent could not start (exit {done.code}):\n{done.output[-2000:]}")

@@ -363,7 +363,7 @@ def test_the_workdir_is_the_dockerfiles_when_the_task_sets_none(tmp_path):
     (task / "environment" / "data.txt").write_text("payload\n")
     assert load_task(task).workdir is None and load_task(task).agent_timeout is None
     record = _oracle(task, tmp_path / "out")
-    assert record["outcome"] == "resolved", record
+    assert record["outcome"] == "resolved", json.dumps(record)[-3000:]
 
 
 def test_no_reward_or_one_written_before_the_verifiers_timeout_is_an_error(tmp_path):
@@ -414,6 +414,23 @@ def system_folder():
     shutil.rmtree(folder)
 
 
+def _scripted_v4(tmp_path: Path, monkeypatch, calls: list[dict]) -> tbench.TbenchConfig:
+    """A run config for the v4 agent: the real `v4agent fix` with scripted turns (each of
+    `calls`, then submit), the script named in the user's config file, which the scratch root
+    does not show: it must get there."""
+    script = tmp_path / "cache" / "turns.json"
+    script.parent.mkdir()
+    turns = [*calls, {"name": "submit", "arguments": {"summary": "x"}}]
+    script.write_text(json.dumps([{"content": "", "tool_calls": [call]} for call in turns]))
+    (tmp_path / "config" / "v4agent").mkdir(parents=True)
+    (tmp_path / "config" / "v4agent" / "config.toml").write_text(f"script = {json.dumps(str(script))}\n")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("V4AGENT_CONFIG", raising=False)
+    fix = f"{shlex.quote(sys.executable)} -c 'import typer; from agent.cli.fix import fix_cmd; typer.run(fix_cmd)'"
+    return tbench.TbenchConfig(out=tmp_path / "out", agent="v4",
+                               v4_cmd=f"{fix} --repo {{repo}} --issue-file {{issue_file}} --apply --json")
+
+
 def test_the_agent_cannot_read_the_tasks_tests_or_solution(tmp_path, monkeypatch, system_folder):
     """The v4 agent (scripted turns through the real `v4agent fix`, the script named in the
     user's config file) copies whatever it can read
@@ -427,22 +444,26 @@ def test_the_agent_cannot_read_the_tasks_tests_or_solution(tmp_path, monkeypatch
     bundled = Path(tbench.__file__).resolve().parent / "data" / "tbench" / "count-words"
     steal = (f"cat {task}/tests/* {task}/solution/* {bundled}/tests/* {bundled}/solution/* > stolen.txt 2>&1; "
              f"ls -R {task} {bundled} >> stolen.txt 2>&1; true")
-    script = tmp_path / "cache" / "turns.json"
-    script.parent.mkdir()
-    script.write_text(json.dumps([{"content": "", "tool_calls": [{"name": "run", "arguments": {"command": steal}}]},
-                                  {"content": "", "tool_calls": [{"name": "submit", "arguments": {"summary": "x"}}]}]))
-    # the backend from the user's config file, which the scratch root does not show: it must get there
-    (tmp_path / "config" / "v4agent").mkdir(parents=True)
-    (tmp_path / "config" / "v4agent" / "config.toml").write_text(f"script = {json.dumps(str(script))}\n")
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.delenv("V4AGENT_CONFIG", raising=False)
-    fix = f"{shlex.quote(sys.executable)} -c 'import typer; from agent.cli.fix import fix_cmd; typer.run(fix_cmd)'"
-    cfg = tbench.TbenchConfig(out=tmp_path / "out", agent="v4",
-                              v4_cmd=f"{fix} --repo {{repo}} --issue-file {{issue_file}} --apply --json")
+    cfg = _scripted_v4(tmp_path, monkeypatch, [{"name": "run", "arguments": {"command": steal}}])
     record = tbench.run_task(load_task(task), cfg)
     stolen = (tmp_path / "out" / "tasks" / "secret" / "app" / "stolen.txt").read_text()
     assert "SOLUTION" not in stolen and "TESTS" not in stolen and "wc -w" not in stolen, stolen
     assert record["outcome"] == "unresolved", record
+
+
+def test_the_v4_agent_leaves_a_tasks_own_git_repository_as_it_was(tmp_path, monkeypatch):
+    """`fix` needs a git work tree, so the harness makes a throwaway one in /app; a task whose /app
+    is a repository of its own (its Dockerfile made it) keeps it, history and all, for the
+    verifier, with the agent's edit applied to its work tree."""
+    monkeypatch.setenv("V4AGENT_CACHE", str(tmp_path / "cache"))
+    git_id = "git -c user.name=t -c user.email=t@t"
+    task = _task(tmp_path / "tasks" / "repo",
+                 dockerfile=f"FROM debian\nWORKDIR /app\nRUN git init -q && {git_id} commit -q --allow-empty -m theirs\n",
+                 test="#!/bin/bash\ncd /app && [ \"$(git log --format=%s)\" = theirs ] && [ -f done ] "
+                      "&& r=1 || r=0\necho $r > /logs/verifier/reward.txt\n")
+    cfg = _scripted_v4(tmp_path, monkeypatch, [{"name": "run", "arguments": {"command": "touch done"}}])
+    record = tbench.run_task(load_task(task), cfg)
+    assert record["outcome"] == "resolved", json.dumps(record)[-3000:]
 
 
 def _cli(args: list[str]):
