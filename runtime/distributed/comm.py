@@ -32,6 +32,8 @@ class RankFailure(RuntimeError):
 def init(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None) -> tuple[int, int]:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the
     environment); returns (rank, world size). NCCL when CUDA is available, gloo otherwise."""
+    if dist.is_initialized():  # the program joined already (runtime.load under torchrun asks again)
+        return dist.get_rank(), dist.get_world_size()
     missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
         raise RankFailure(f"not launched by torchrun: {', '.join(missing)} unset (run under "
