@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime import kernels
-from runtime.config import CSA, HCA, SWA, ModelConfig
+from runtime.config import CSA, SWA, ModelConfig
 from runtime.kvstore import FORMATS, RowCodec, Rows
 from runtime.quant import dequantize_fp4_rows, dequantize_fp8_blocks, fp4_sim, fp8_sim, hadamard
 from runtime.rope import apply_rope, inv_freq

@@ -230,3 +230,15 @@ def test_bad_batches_are_refused_and_change_nothing(exact):
     with pytest.raises(ValueError, match="continues at position 0, not 1"):
         exact.mtp_logits_batch([a, b], [torch.zeros(1, 4, 256)] * 2, [one, one], [0, 1])
     assert (a.position, b.position, a.mtp_position, b.mtp_position) == (3, 0, 0, 0)
+
+
+def test_bench_batch_reports_aggregate_throughput(exact):
+    """The microbenchmark's figures on the tiny model: JSON-able, the ratio of its two rates."""
+    import json
+
+    from runtime.bench_batch import bench_batch
+
+    report = json.loads(json.dumps(bench_batch(batch=3, context=9, steps=2, runs=1, model=exact)))
+    assert report["decode_tokens_per_s_1"] > 0 and report["decode_tokens_per_s_3"] > 0
+    assert report["throughput_3_over_1"] == pytest.approx(
+        report["decode_tokens_per_s_3"] / report["decode_tokens_per_s_1"], rel=0.01)
