@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from runtime.model import Model, SequenceState
+from runtime.kvstore import Rows
+from runtime.model import CompressorState, ExtendOutput, LayerState, Model, SequenceState
 from runtime.prefix_cache import PrefixCache, row_counts
 
 Progress = Callable[[int, int], None]
@@ -114,26 +115,12 @@ class Session:
             if self._logits is None:
                 raise ValueError("extend needs at least one token on an empty session")
             return self._logits
-        done = self._reuse_prefix(ids) if self.cache is not None and self.position == 0 else 0
-        self._snapshot()  # a turn boundary: the natural place to come back to
-        # with persistence, a chunk ends at the last aligned boundary so that it can be saved
-        boundary = (self.position + len(ids) - done) // self.cache.align * self.cache.align if self.cache else 0
-        while done < len(ids):
-            # chunks end at multiples of snapshot_every, so long prefills leave snapshots behind
-            room = self.snapshot_every - self.position % self.snapshot_every
-            if boundary > self.position:
-                room = min(room, boundary - self.position)
-            n = min(self.chunk_size, room, len(ids) - done)
-            self._run(ids[done:done + n])
-            done += n
-            if self.position % self.snapshot_every == 0:
-                self._snapshot()
-            if self.position == boundary and boundary not in self._saved:
-                since = max(self._saved.items(), default=None)
-                end, counts = self.cache.save(self.tokens, self.state, self._logits, self._streams, since)
-                self._saved[end] = counts
+        prefill = Prefill(self, ids)
+        while not prefill.finished:
+            chunk = prefill.next_chunk()
+            prefill.finish(self._forward(chunk))
             if progress is not None:
-                progress(done, len(ids))
+                progress(prefill.done, len(ids))
         return self._logits
 
     def _reuse_prefix(self, ids: list[int]) -> int:
@@ -149,12 +136,16 @@ class Session:
         self.cached_tokens = n
         return n
 
-    def _run(self, ids: list[int]) -> None:
-        t = torch.tensor(ids, dtype=torch.long)
-        out = self.model.extend(self.state, t, logits="last", return_streams=bool(self.model.mtp))
+    def _forward(self, ids: list[int], logits: str = "last") -> ExtendOutput:
+        """One forward of `ids` on this session's state (what the serving engine batches)."""
+        return self.model.extend(self.state, torch.tensor(ids, dtype=torch.long), logits=logits,
+                                 return_streams=bool(self.model.mtp))
+
+    def _apply(self, ids: list[int], out: ExtendOutput) -> None:
+        """Take the output of the forward of `ids` (run on `self.state`) into the session."""
         self._feed_mtp(out.streams, ids)
         self.tokens.extend(ids)
-        self._logits, self._streams = out.logits[0], (out.streams[-1:] if out.streams is not None else None)
+        self._logits, self._streams = out.logits[-1], (out.streams[-1:] if out.streams is not None else None)
 
     def _feed_mtp(self, streams: torch.Tensor | None, ids: list[int]) -> None:
         """Keep the MTP block's window current: position t needs token t+1, so it lags by one."""
@@ -183,9 +174,18 @@ class Session:
         """Go back to `position` (keep that many tokens). A snapshot (a turn boundary) comes back
         bit-identical; the tokens after the nearest one are recomputed as one extend, which is
         bit-identical to the first time only if that used the same chunks."""
+        tail = self.tokens[:position]
+        base = self.restore(position)
+        if position > base:
+            self.extend(tail[base:])
+
+    def restore(self, position: int) -> int:
+        """Go back to the latest snapshot at or before `position` without computing anything
+        (staying put if `position` is the current one); returns the position now held."""
         if not 0 <= position <= self.position:
             raise ValueError(f"cannot rewind to {position}: the session holds {self.position} tokens")
-        tail = self.tokens[:position]
+        if position == self.position:
+            return position
         base = max((p for p in self._snapshots if p <= position), default=0)
         self._snapshots = {p: s for p, s in self._snapshots.items() if p <= position}
         self._saved = {p: c for p, c in self._saved.items() if p <= position}
@@ -194,9 +194,37 @@ class Session:
             self.state, self._logits, self._streams = snap.state.copy(), snap.logits, snap.streams
         else:
             self.state, self._logits, self._streams = self.model.new_state(self.cache_format), None, None
-        self.tokens = tail[:base]
-        if position > base:
-            self.extend(tail[base:])
+        self.tokens = self.tokens[:base]
+        return base
+
+    def reusable(self, prompt: list[int]) -> int:
+        """How many leading tokens of `prompt` a fork of this session holds without computing
+        anything: all of them if `prompt` extends (or equals) its tokens, else those up to the
+        latest snapshot within the common prefix (one token left to compute the prompt's logits)."""
+        n = 0
+        for a, b in zip(self.tokens, prompt):
+            if a != b:
+                break
+            n += 1
+        if n == self.position:
+            return n
+        n = min(n, len(prompt) - 1)
+        return max((p for p in self._snapshots if p <= n), default=0)
+
+    def held_states(self) -> list[SequenceState]:
+        """The live state and every snapshot's: what this session keeps in memory."""
+        return [self.state] + [snap.state for snap in self._snapshots.values()]
+
+    def to(self, device: torch.device, memo: dict | None = None) -> None:
+        """Move everything the session holds to `device` (host memory for an idle session, back
+        to the model's device to use it). Tensors shared within the session, or with another
+        session moved with the same `memo`, stay shared."""
+        memo = {} if memo is None else memo
+        self.state = move_state(self.state, device, memo)
+        for snap in self._snapshots.values():
+            snap.state = move_state(snap.state, device, memo)
+            snap.logits, snap.streams = _move(snap.logits, device, memo), _move(snap.streams, device, memo)
+        self._logits, self._streams = _move(self._logits, device, memo), _move(self._streams, device, memo)
 
     def fork(self) -> Session:
         """An independent session on the same tokens; shares every KV tensor, copies none."""
@@ -223,38 +251,10 @@ class Session:
         rounding can change the output from plain greedy's (in reference precision; in exact
         precision only at a near-tie).
         """
-        if self._logits is None:
-            raise ValueError("generate needs a prompt: call extend first")
-        if speculative and (sampling.temperature != 0 or not self.model.mtp):
-            raise ValueError("speculative decoding needs greedy sampling and a model with an MTP block")
-        if stop_strings and (detokenize is None or not all(stop_strings)):
-            raise ValueError("stop strings must be non-empty and need a detokenize function")
-        self._snapshot()
-        gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-        produced: list[int] = []
-        # a token is at least one byte, so a stop string of n characters lies within the last 4n tokens
-        tail = 4 * max((len(s) for s in stop_strings), default=0)
-
-        def ends(ids: list[int]) -> bool:
-            """Whether generated `ids` end with a stop: checked after every token."""
-            if ids[-1] in stop_ids:
-                return True
-            return bool(stop_strings) and any(s in detokenize(ids[-tail:]) for s in stop_strings)
-
-        while len(produced) < max_tokens:
-            token = sample(self._logits, sampling, gen)
-            # a pair is drafted only when its first token does not stop: the draft then never
-            # enters the session behind a stop
-            if speculative and len(produced) + 2 <= max_tokens and not ends(produced + [token]):
-                for t in self._speculate(token):
-                    produced.append(t)
-                    yield t
-            else:
-                self._run([token])
-                produced.append(token)
-                yield token
-            if ends(produced):
-                return
+        decoding = Decoding(self, max_tokens, sampling, stop_ids, speculative, stop_strings, detokenize)
+        while not decoding.finished:
+            ids = decoding.next_ids()
+            yield from decoding.finish(self._forward(ids, decoding.logits_mode))
 
     def _draft(self, token: int) -> int:
         """The MTP block's guess for the token after `token`. It advances the MTP block by the
@@ -262,21 +262,149 @@ class Session:
         logits = self.model.mtp_logits(self.state, self._streams, torch.tensor([token]), start=self.state.mtp_position)
         return int(logits[0].argmax())
 
-    def _speculate(self, token: int) -> list[int]:
-        """Verify [token, draft] in one forward; keep the draft if the model agrees."""
-        before = _Snapshot(self.state.copy(), self._logits, self._streams)
-        draft = self._draft(token)
-        out = self.model.extend(self.state, torch.tensor([token, draft]), logits="all", return_streams=True)
-        self.spec.drafted += 1
-        if int(out.logits[0].argmax()) == draft:
-            self.spec.accepted += 1
-            self.model.mtp_logits(self.state, out.streams[:1], torch.tensor([draft]), start=self.state.mtp_position)
-            self.tokens.extend([token, draft])
-            self._logits, self._streams = out.logits[1], out.streams[-1:]
-            return [token, draft]
-        self.state, self._logits, self._streams = before.state, before.logits, before.streams
-        self._run([token])
-        return [token]
+
+class Prefill:
+    """One `extend` advanced a chunk at a time: `next_chunk()` says which tokens the next
+    forward runs, `finish(out)` takes its output. `Session.extend` runs it to the end; the
+    serving engine runs one chunk per step, batched with other sequences' decoding."""
+
+    def __init__(self, session: Session, ids: list[int]) -> None:
+        self.session, self.ids = session, ids
+        # tokens taken from the on-disk prefix cache instead of computed
+        self.done = session._reuse_prefix(ids) if session.cache is not None and session.position == 0 else 0
+        session._snapshot()  # a turn boundary: the natural place to come back to
+        # with persistence, a chunk ends at the last aligned boundary so that it can be saved
+        align = session.cache.align if session.cache else 0
+        self.boundary = (session.position + len(ids) - self.done) // align * align if align else 0
+        self._chunk: list[int] = []
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= len(self.ids)
+
+    def next_chunk(self) -> list[int]:
+        s = self.session
+        # chunks end at multiples of snapshot_every, so long prefills leave snapshots behind
+        room = s.snapshot_every - s.position % s.snapshot_every
+        if self.boundary > s.position:
+            room = min(room, self.boundary - s.position)
+        self._chunk = self.ids[self.done:self.done + min(s.chunk_size, room, len(self.ids) - self.done)]
+        return self._chunk
+
+    def finish(self, out: ExtendOutput) -> None:
+        s = self.session
+        s._apply(self._chunk, out)
+        self.done += len(self._chunk)
+        if s.position % s.snapshot_every == 0:
+            s._snapshot()
+        if s.position == self.boundary and self.boundary not in s._saved:
+            since = max(s._saved.items(), default=None)
+            end, counts = s.cache.save(s.tokens, s.state, s._logits, s._streams, since)
+            s._saved[end] = counts
+
+
+class Decoding:
+    """One `generate` advanced a step at a time: `next_ids()` samples the next token (and drafts
+    one after it when speculative) and says what the next forward runs, with `logits_mode`;
+    `finish(out)` takes its output and returns the tokens it completed. `Session.generate`
+    runs it to the end; the serving engine runs one step per engine step."""
+
+    def __init__(self, session: Session, max_tokens: int, sampling: SamplingParams = SamplingParams(),
+                 stop_ids: set[int] | frozenset[int] = frozenset(), speculative: bool = False,
+                 stop_strings: Sequence[str] = (), detokenize: Callable[[list[int]], str] | None = None) -> None:
+        if session._logits is None:
+            raise ValueError("generate needs a prompt: call extend first")
+        check_decoding(session.model, sampling, speculative, stop_strings, detokenize)
+        session._snapshot()
+        self.session, self.max_tokens, self.sampling, self.speculative = session, max_tokens, sampling, speculative
+        self.stop_ids, self.stop_strings, self.detokenize = stop_ids, stop_strings, detokenize
+        self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        self.produced: list[int] = []
+        self.finished = max_tokens <= 0
+        # a token is at least one byte, so a stop string of n characters lies within the last 4n tokens
+        self._tail = 4 * max((len(s) for s in stop_strings), default=0)
+        self._ids: list[int] = []  # what the forward in flight runs
+        self._before: _Snapshot | None = None  # the state before a verify, restored if the draft is rejected
+        self._redo: int | None = None  # a token whose draft was rejected: run alone next
+
+    @property
+    def logits_mode(self) -> str:
+        return "all" if len(self._ids) == 2 else "last"
+
+    def ends(self, ids: list[int]) -> bool:
+        """Whether generated `ids` end with a stop: checked after every token."""
+        if ids[-1] in self.stop_ids:
+            return True
+        return bool(self.stop_strings) and any(s in self.detokenize(ids[-self._tail:]) for s in self.stop_strings)
+
+    def next_ids(self) -> list[int]:
+        s = self.session
+        if self._redo is not None:
+            self._ids, self._redo = [self._redo], None
+            return self._ids
+        token = sample(s._logits, self.sampling, self.generator)
+        # a pair is drafted only when its first token does not stop: the draft then never
+        # enters the session behind a stop
+        if self.speculative and len(self.produced) + 2 <= self.max_tokens and not self.ends(self.produced + [token]):
+            self._before = _Snapshot(s.state.copy(), s._logits, s._streams)
+            self._ids = [token, s._draft(token)]
+        else:
+            self._ids = [token]
+        return self._ids
+
+    def finish(self, out: ExtendOutput) -> list[int]:
+        """Take the forward's output; returns the tokens now part of the session (none when a
+        draft was rejected: its token is recomputed alone by the next step)."""
+        s, ids = self.session, self._ids
+        if len(ids) == 2:
+            s.spec.drafted += 1
+            if int(out.logits[0].argmax()) != ids[1]:
+                s.state, s._logits, s._streams = self._before.state, self._before.logits, self._before.streams
+                self._redo = ids[0]
+                return []
+            s.spec.accepted += 1
+            s.model.mtp_logits(s.state, out.streams[:1], torch.tensor(ids[1:]), start=s.state.mtp_position)
+            s.tokens.extend(ids)
+            s._logits, s._streams = out.logits[1], out.streams[-1:]
+        else:
+            s._apply(ids, out)
+        self.produced += ids
+        self.finished = len(self.produced) >= self.max_tokens or self.ends(self.produced)
+        return ids
+
+
+def check_decoding(model: Model, sampling: SamplingParams, speculative: bool, stop_strings: Sequence[str],
+                   detokenize: Callable[[list[int]], str] | None) -> None:
+    """ValueError for options that cannot be decoded together."""
+    if speculative and (sampling.temperature != 0 or not model.mtp):
+        raise ValueError("speculative decoding needs greedy sampling and a model with an MTP block")
+    if stop_strings and (detokenize is None or not all(stop_strings)):
+        raise ValueError("stop strings must be non-empty and need a detokenize function")
+
+
+def _move(t: torch.Tensor | None, device: torch.device, memo: dict) -> torch.Tensor | None:
+    if t is None or t.device == device:
+        return t
+    key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+    if key not in memo:
+        memo[key] = t.to(device)
+    return memo[key]
+
+
+def move_state(state: SequenceState, device: torch.device, memo: dict) -> SequenceState:
+    """A copy of `state` on `device`; tensors already moved under `memo` are reused, not copied again."""
+    def comp(c: CompressorState | None) -> CompressorState | None:
+        if c is None:
+            return None
+        rows = Rows(c.entries.codec, c.entries.width, c.entries.dtype, device,
+                    tuple(tuple(_move(t, device, memo) for t in chunk) for chunk in c.entries.chunks))
+        return CompressorState(rows, *(_move(t, device, memo) for t in (c.open_kv, c.open_gate, c.prev_kv, c.prev_gate)))
+
+    def layer(st: LayerState) -> LayerState:
+        return LayerState(_move(st.window, device, memo), comp(st.compressor), comp(st.indexer))
+
+    return SequenceState(state.position, [layer(s) for s in state.layers], [layer(s) for s in state.mtp],
+                         state.mtp_position)
 
 
 def state_bytes(states: list[SequenceState]) -> int:

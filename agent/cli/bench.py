@@ -127,6 +127,22 @@ def session_cmd(
     print_result(result, as_json)
 
 
+@app.command("serve")
+def serve_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of lines."),
+    context: int = typer.Option(16384, "--context", min=1024, help="Long-prompt length (tokens)."),
+    chunk: int = typer.Option(512, "--chunk", min=1, help="Prefill chunk of the engine (tokens)."),
+) -> None:
+    """The serving engine: 8 decoders over 1, a follow-up turn warm vs cold, decoders' stall while a long prompt prefills."""
+    from rich.console import Console
+
+    from runtime.bench_serve import bench_serve
+
+    with Console(stderr=True).status("benchmarking the serving engine") as status:
+        result = bench_serve(context, chunk_size=chunk, progress=lambda msg: status.update(msg))
+    print_result(result, as_json)
+
+
 @app.command("kernels")
 def kernels_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of lines."),
