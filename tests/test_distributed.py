@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,6 +55,7 @@ def script(model, cache_root: Path) -> dict:
     warnings: list[str] = []
     first = Session(model, chunk_size=64, persist=True, cache_root=cache_root, warn=warnings.append)
     first.extend(prompt)
+    out["persisted_first_cached"] = first.cached_tokens
     again = Session(model, chunk_size=64, persist=True, cache_root=cache_root, warn=warnings.append)
     again.extend(prompt)
     out["persisted_cached"], out["persisted_logits"] = again.cached_tokens, again.last_logits
@@ -80,6 +82,8 @@ def worker(checkpoint: str, out_dir: str, tp: int, ep: int, mode: str, timeout_s
             (out / f"follower{rank}.json").write_text(json.dumps(follow(model)))
             return
         with Leader(model) as leader:
+            with pytest.raises(ValueError, match="token ids must lie in"):  # refused alike on every rank
+                leader.extend(leader.new_state(), torch.tensor([10**6]))
             result = script(leader, out / "prefix")
             gc.collect()
             result["live_parts"] = leader.live_parts()
@@ -147,7 +151,8 @@ def parallel(checkpoint_dir, single):
             world, tp, ep, mode = LAYOUTS[name]
             out = single[1] / name
             out.mkdir()
-            (out / "prefix").symlink_to(single[1] / "prefix")
+            # its own copy of the single-process prefixes (two runs of one layout share a key)
+            shutil.copytree(single[1] / "prefix", out / "prefix")
             done = torchrun(world, [str(checkpoint_dir("tiny", 0)), str(out), str(tp), str(ep), mode, "120"])
             assert done.returncode == 0, done.stderr[-3000:]
             reports = [json.loads((out / f"report{r}.json").read_text()) for r in range(world)]
@@ -172,7 +177,9 @@ def test_parallel_equals_single(parallel, single, name):
         assert diff <= 1e-5, f"{name} {key}: max |diff| {diff}"
     assert got["greedy"] == expected["greedy"]
     assert (got["speculative"], got["accepted"]) == (expected["speculative"], expected["accepted"])
-    # the parallel run saved and reused its own prefix, and saw the single-process one as foreign
+    # the parallel run did not take the single-process prefix (another key: reported as foreign),
+    # then saved and reused its own
+    assert got["persisted_first_cached"] == expected["persisted_first_cached"] == 0
     assert got["persisted_cached"] == expected["persisted_cached"] == 128
     assert got["foreign_key_warnings"] >= 1 and expected["foreign_key_warnings"] == 0
     # each rank read exactly its planned bytes, less than the whole checkpoint, and holds what the

@@ -184,24 +184,29 @@ def follow(model: ShardedModel) -> int:
             parts.pop(n, None)
         if op == "close":
             return len(parts)
-        if op == "new_state":
-            number(model.new_state(*args), True, True)
-        elif op == "extend_batch":
-            refs, ids, logits, streams = args
-            states = [find(ref) for ref in refs]
-            model.extend_batch(states, ids, logits=logits, return_streams=streams)
-            for st in states:
-                number(st, True, False)
-        elif op == "mtp_logits_batch":
-            refs, streams, next_ids, starts = args
-            states = [find(ref) for ref in refs]
-            model.mtp_logits_batch(states, [s.to(model.device) for s in streams], next_ids, starts)
-            for st in states:
-                number(st, False, True)
-        elif op == "forward":
-            model(*args)
-        else:
-            raise comm.RankFailure(f"rank 0 announced an unknown operation {op!r}")
+        try:
+            if op == "new_state":
+                number(model.new_state(*args), True, True)
+            elif op == "extend_batch":
+                refs, ids, logits, streams = args
+                states = [find(ref) for ref in refs]
+                model.extend_batch(states, ids, logits=logits, return_streams=streams)
+                for st in states:
+                    number(st, True, False)
+            elif op == "mtp_logits_batch":
+                refs, streams, next_ids, starts = args
+                states = [find(ref) for ref in refs]
+                model.mtp_logits_batch(states, [s.to(model.device) for s in streams], next_ids, starts)
+                for st in states:
+                    number(st, False, True)
+            elif op == "forward":
+                model(*args)
+            else:
+                raise comm.RankFailure(f"rank 0 announced an unknown operation {op!r}")
+        except ValueError:
+            # a call the model refuses (bad ids, a batch that does not fit) is refused on rank 0 alike,
+            # before any collective: rank 0 reports it to its caller and goes on, and so does this rank
+            pass
 
 
 def load_launched(source: str | Path, precision: str, device: str | torch.device) -> Leader:
