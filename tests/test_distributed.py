@@ -214,6 +214,17 @@ def test_layout_plan_splits_what_it_says(checkpoint_dir):
             assert all(p.whole for p in held) and len(held) == 4
 
 
+def test_default_sizes_keep_tensor_parallel_inside_a_node():
+    from runtime.config import released_config
+    from runtime.distributed.layout import default_sizes
+
+    pro, flash = released_config("pro"), released_config("flash")  # 16 and 8 output groups
+    assert default_sizes(16, pro, per_node=8) == (8, 16)  # two nodes of 8: TP over NVLink only
+    assert default_sizes(16, pro) == (16, 16)
+    assert default_sizes(8, flash, per_node=8) == (8, 8)
+    assert default_sizes(6, flash) == (2, 2)  # 6 divides neither 8 groups nor 256 experts
+
+
 def test_mismatched_layouts_refused(checkpoint_dir):
     from runtime.distributed.layout import LayoutError, make_layout
     from tests.conftest import CONFIGS

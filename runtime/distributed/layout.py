@@ -75,18 +75,21 @@ class Layout:
         return {"world": self.world, "rank": self.rank, "tp": self.tp, "ep": self.ep}
 
 
-def default_sizes(world: int, config: ModelConfig) -> tuple[int, int]:
-    """Defaults for `--tp` / `--ep`: the largest tp <= world that divides the world size and the
-    output groups, and experts over every rank (ep = world) when it divides them."""
-    tp = max(t for t in range(1, world + 1) if world % t == 0 and config.o_groups % t == 0)
+def default_sizes(world: int, config: ModelConfig, per_node: int | None = None) -> tuple[int, int]:
+    """Defaults for `--tp` / `--ep`: the largest tp that divides the world size and the output groups
+    and stays within a node (`per_node` ranks: an all-reduce per layer wants NVLink, not the
+    network), and experts over every rank (ep = world) when it divides them."""
+    most = min(world, per_node or world)
+    tp = max(t for t in range(1, most + 1) if world % t == 0 and config.o_groups % t == 0)
     ep = max(e for e in range(1, world + 1) if world % e == 0 and config.n_routed_experts % e == 0)
     return tp, ep
 
 
 def make_layout(world: int, rank: int, config: ModelConfig, tp: int | None = None, ep: int | None = None,
-                precision: str = "exact") -> Layout:
-    """A checked layout; a size that cannot work is refused with the reason."""
-    dtp, dep = default_sizes(world, config)
+                precision: str = "exact", per_node: int | None = None) -> Layout:
+    """A checked layout; a size that cannot work is refused with the reason. Unset sizes take
+    :func:`default_sizes` (`per_node`: ranks per node, torchrun's LOCAL_WORLD_SIZE)."""
+    dtp, dep = default_sizes(world, config, per_node)
     tp, ep = tp or dtp, ep or dep
     if not 0 <= rank < world:
         raise LayoutError(f"rank {rank} is outside a world of {world}")

@@ -9,6 +9,7 @@ rank then runs the same program (sessions, generation) and gets the same logits.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,8 @@ def load(path: str | Path, precision: str = "exact", device: str | torch.device 
     device = torch.device(device)
     ck = open_checkpoint(path)
     rank, world = dist.get_rank(), dist.get_world_size()
-    layout = make_layout(world, rank, ck.config, tp, ep, precision)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # set by torchrun
+    layout = make_layout(world, rank, ck.config, tp, ep, precision, per_node)
     identity = ck.identity()
     mine = {"identity": identity, "precision": precision, "tp": layout.tp, "ep": layout.ep, "world": world}
     everyone = comm.gather_objects(mine, "layout agreement")
