@@ -49,13 +49,14 @@ def _decode(model: Model, states: list[SequenceState], first: list[int], steps: 
     return time.perf_counter() - start
 
 
-def bench_batch(batch: int = 8, context: int = 256, steps: int = 16, runs: int = 3, seed: int = 0,
+def bench_batch(batch: int = 8, context: int = 256, steps: int = 8, runs: int = 7, seed: int = 0,
                 model: Model | None = None) -> dict:
     """Aggregate decode tokens/s with `batch` sequences decoding together against one alone.
 
     Each sequence first prefills `context` random tokens (not timed); every run then decodes
     `steps` tokens from copies of those states, one alone and `batch` together, alternated run
-    by run so that the machine's noise falls on both; the medians are reported.
+    by run (short runs, many of them: the load of a shared machine drifts within seconds) so
+    that the machine's noise falls on both; the medians are reported.
     """
     if model is None:
         model = load(bench_batch_config(), precision="exact", seed=seed)
