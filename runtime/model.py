@@ -290,9 +290,13 @@ class Compressor(nn.Module):
         """Per-token projections of rows `x` at `positions`: kv and gate logits (position bias added)."""
         return self.wkv(x), self.wgate(x) + self.ape[positions % self.ratio]
 
-    def forward(self, kv: torch.Tensor, gate: torch.Tensor, start: int, st: CompressorState) -> None:
-        """Feed one sequence's projected tokens at positions start.. into its state; emit every
-        window they close."""
+    def forward(self, x: torch.Tensor, start: int, st: CompressorState) -> None:
+        """Feed one sequence's tokens `x` at positions start.. into its state (see :meth:`feed`)."""
+        self.feed(*self.project(x, torch.arange(start, start + x.shape[0], device=x.device)), start, st)
+
+    def feed(self, kv: torch.Tensor, gate: torch.Tensor, start: int, st: CompressorState) -> None:
+        """Feed one sequence's projected tokens (:meth:`project`) at positions start.. into its
+        state; emit every window they close."""
         m, w = self.ratio, self.width
         first = start - st.open_kv.shape[0]  # windows are aligned to absolute positions
         kv, gate = torch.cat((st.open_kv, kv)), torch.cat((st.open_gate, gate))
@@ -375,7 +379,7 @@ class Indexer(nn.Module):
         """One sequence: feed its compressor projections (`Compressor.project`), then its entry
         indices [T, k] per query, -1 where a query has fewer than k causal entries; None when
         it scores nothing (`queries` None: see :meth:`queries`)."""
-        self.compressor(kv, gate, int(positions[0]), st)
+        self.compressor.feed(kv, gate, int(positions[0]), st)
         if queries is None:
             return None
         select = kernels.indexer.select if kernels.enabled(kv.device, "indexer") else Indexer._select
@@ -475,7 +479,7 @@ class Attention(nn.Module):
             st.window = keys[max(keys.shape[0] - (self.window - 1), 0):].clone()
             picks = None
             if self.kind != SWA:
-                self.compressor(comp_kv[lo:hi], comp_gate[lo:hi], batch.starts[i], st.compressor)
+                self.compressor.feed(comp_kv[lo:hi], comp_gate[lo:hi], batch.starts[i], st.compressor)
             if self.kind == CSA:
                 picks = self.indexer(index_kv[lo:hi], index_gate[lo:hi], queries[i], positions[lo:hi], st.indexer)
             outs.append(attend(self, q[lo:hi], positions[lo:hi], keys,
@@ -825,13 +829,19 @@ class Model(nn.Module):
         return self.extend_batch([state], [ids], logits=logits, return_streams=return_streams)[0]
 
     @torch.inference_mode()
-    def extend_batch(self, states: list[SequenceState], ids: list[torch.Tensor], *, logits: str = "last",
-                     return_streams: bool = False) -> list[ExtendOutput]:
+    def extend_batch(self, states: list[SequenceState], ids: list[torch.Tensor], *,
+                     logits: str | list[str] = "last", return_streams: bool = False) -> list[ExtendOutput]:
         """Extend several sequences in one forward: `ids[i]` [T_i >= 1] runs after `states[i].position`,
         updating each state in place; one output per sequence (`logits` and `return_streams` as in
-        :meth:`extend`). The per-token work runs once over all the rows (docs/runtime.md)."""
-        if logits not in ("last", "all", "none"):
-            raise ValueError(f"logits must be 'last', 'all' or 'none', got {logits!r}")
+        :meth:`extend`; `logits` may also be one mode per sequence, e.g. "all" for a 2-token verify
+        beside "last" for a prefill chunk). The per-token work runs once over all the rows
+        (docs/runtime.md)."""
+        modes = [logits] * len(states) if isinstance(logits, str) else list(logits)
+        for mode in modes:
+            if mode not in ("last", "all", "none"):
+                raise ValueError(f"logits must be 'last', 'all' or 'none', got {mode!r}")
+        if len(modes) != len(states):
+            raise ValueError(f"{len(modes)} logits modes for {len(states)} sequences")
         self._check_batch(states, ids)
         batch = RaggedBatch.of([st.position for st in states], [t.to(self.device) for t in ids])
         X = self.embed_tokens(batch.ids)[:, None, :].expand(-1, self.config.hc_mult, -1).contiguous()
@@ -839,13 +849,15 @@ class Model(nn.Module):
             X = layer(X, batch, [st.layers[i] for st in states])
         for st, n in zip(states, batch.lengths()):
             st.position += n
+        # the rows whose logits are asked for, through the head in one GEMM
+        counts = [{"all": hi - lo, "last": 1, "none": 0}[mode] for mode, (lo, hi) in zip(modes, batch.spans())]
         per_sequence: list[torch.Tensor | None] = [None] * len(states)
-        if logits != "none":
-            last = torch.tensor(batch.bounds[1:], device=self.device) - 1
-            rows = X if logits == "all" else X[last]
+        if any(counts):
+            rows = X if all(mode == "all" for mode in modes) else X[torch.cat([
+                torch.arange(hi - n, hi, device=self.device) for n, (_, hi) in zip(counts, batch.spans())])]
             out = self.logits(self.norm(hc_head(rows, self.hc_head_fn, self.hc_head_base, self.hc_head_scale,
                                                  self.config)))
-            per_sequence = list(out.split(batch.lengths() if logits == "all" else 1))
+            per_sequence = [part if n else None for part, n in zip(out.split(counts), counts)]
         return [ExtendOutput(out, X[lo:hi] if return_streams else None)
                 for out, (lo, hi) in zip(per_sequence, batch.spans())]
 

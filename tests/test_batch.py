@@ -146,6 +146,22 @@ def test_ragged_step_is_separate_steps(precision, exact, reference):
             assert (states[i].position, states[i].mtp_position) == (state.position, state.mtp_position)
 
 
+def test_logits_mode_per_sequence(exact):
+    """A verify's "all" beside a prefill chunk's "last" and a "none" in one forward: each sequence
+    gets the rows its mode asks for, as a batch with that mode for everyone gives them."""
+    chunks = [torch.tensor(tokens(n, seed=60 + i)) for i, n in enumerate((2, 11, 1, 5))]
+    modes = ["all", "last", "none", "all"]
+    mixed = exact.extend_batch([exact.new_state() for _ in chunks], chunks, logits=modes)
+    every = exact.extend_batch([exact.new_state() for _ in chunks], chunks, logits="all")
+    for mode, got, full in zip(modes, mixed, every):
+        if mode == "none":
+            assert got.logits is None
+        else:
+            want = full.logits if mode == "all" else full.logits[-1:]
+            assert got.logits.shape == want.shape
+            torch.testing.assert_close(got.logits, want, rtol=0, atol=TOL)
+
+
 @settings(max_examples=10, deadline=None)
 @given(st.data())
 def test_random_interleavings(exact, data):
@@ -225,6 +241,8 @@ def test_bad_batches_are_refused_and_change_nothing(exact):
             exact.extend_batch(states, ids)
     with pytest.raises(ValueError, match="logits must be"):
         exact.extend_batch([a, b], [one, one], logits="first")
+    with pytest.raises(ValueError, match="1 logits modes for 2 sequences"):
+        exact.extend_batch([a, b], [one, one], logits=["all"])
     with pytest.raises(ValueError, match="token ids must lie"):
         exact.extend_batch([a, b], [one, torch.tensor([exact.config.vocab_size])])
     with pytest.raises(ValueError, match="continues at position 0, not 1"):
