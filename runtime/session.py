@@ -398,7 +398,8 @@ def move_state(state: SequenceState, device: torch.device, memo: dict) -> Sequen
             return None
         rows = Rows(c.entries.codec, c.entries.width, c.entries.dtype, device,
                     tuple(tuple(_move(t, device, memo) for t in chunk) for chunk in c.entries.chunks))
-        return CompressorState(rows, *(_move(t, device, memo) for t in (c.open_kv, c.open_gate, c.prev_kv, c.prev_gate)))
+        moved = (_move(t, device, memo) for t in (c.open_kv, c.open_gate, c.prev_kv, c.prev_gate))
+        return CompressorState(rows, *moved)
 
     def layer(st: LayerState) -> LayerState:
         return LayerState(_move(st.window, device, memo), comp(st.compressor), comp(st.indexer))

@@ -118,11 +118,12 @@ def test_concurrent_greedy_outputs_equal_each_alone(exact, tmp_path) -> None:
         GenerationRequest(base[:140] + first_out[:5], 7),  # a prefix of the first's conversation
     ]
     expected = [solo(exact, r) for r in requests]
-    for seed in range(3):
+    # no budget: everything stays warm; a budget of 1 byte: each finished sequence is evicted at
+    # once, and with persist its next use reloads the saved prefix from disk
+    for seed, (budget, persist) in enumerate([(None, False), (1, False), (1, True)]):
         rng = random.Random(seed)
-        engine = Engine(exact, chunk_size=CHUNK, max_running=rng.choice([2, 3, 8]),
-                        budget_bytes=rng.choice([None, 200_000, 2_000_000]), persist=seed == 2,
-                        cache_root=tmp_path / f"cache-{seed}")
+        engine = Engine(exact, chunk_size=CHUNK, max_running=rng.choice([2, 3, 8]), budget_bytes=budget,
+                        persist=persist, cache_root=tmp_path / f"cache-{seed}")
         order = rng.sample(range(len(requests)), len(requests))
         cancel = rng.choice(order)
         handles = {}
@@ -143,6 +144,7 @@ def test_concurrent_greedy_outputs_equal_each_alone(exact, tmp_path) -> None:
             assert end.completion_tokens == len(out) and end.prompt_tokens == len(requests[i].prompt)
         stats = engine.stats()
         assert stats["running"] == stats["waiting"] == 0 and stats["cache_hit_tokens"] > 0
+        assert (stats["evictions"] > 0) == (budget is not None)
 
 
 def test_a_next_turn_continues_the_finished_conversation_and_pass_at_k_shares_it(exact) -> None:
@@ -252,3 +254,32 @@ def test_accepted_drafts_in_a_batch_equal_each_alone(exact, monkeypatch) -> None
     drain(engine)
     assert [outcome(h)[0] for h in handles] == alone
     assert sum(s.spec.accepted for s in engine._kept) >= 6
+
+
+def test_moving_sessions_keeps_what_they_share_shared(exact) -> None:
+    """What eviction to host memory does on a GPU, onto the meta device here (no GPU in the tests):
+    everything a session holds moves, and sessions moved together still share their prefix."""
+    parent = Session(exact)
+    parent.extend(tokens(40, 30))
+    child = parent.fork()
+    child.extend(tokens(5, 31))  # its snapshot at 40 is the parent's state
+    memo: dict = {}
+    for session in (parent, child):
+        session.to(torch.device("meta"), memo)
+    held = [st for s in (parent, child) for st in s.held_states()]
+    tensors = [t for st in held for layer in st.layers + st.mtp for t in
+               [layer.window] + [x for c in (layer.compressor, layer.indexer) if c is not None
+                                 for chunk in c.entries.chunks for x in chunk]]
+    assert tensors and all(t.device.type == "meta" for t in tensors)
+    assert parent.last_logits.device.type == "meta" and child.last_logits.device.type == "meta"
+    shared = child.held_states()[1]
+    assert shared.position == 40 and shared.layers[0].window is parent.state.layers[0].window
+
+
+def test_at_most_max_kept_finished_sequences_stay_warm(exact) -> None:
+    engine = Engine(exact, chunk_size=CHUNK, max_kept=1)
+    for seed in (40, 41):
+        run_one(engine, GenerationRequest(tokens(20, seed), 2))
+    assert engine.stats()["kept"] == 1 and engine.stats()["evictions"] == 1
+    assert run_one(engine, GenerationRequest(tokens(20, 41) + [5], 1))[1].cached_tokens == 20
+    assert run_one(engine, GenerationRequest(tokens(20, 40) + [5], 1))[1].cached_tokens == 0  # the older: gone

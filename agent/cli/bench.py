@@ -133,7 +133,7 @@ def serve_cmd(
     context: int = typer.Option(16384, "--context", min=1024, help="Long-prompt length (tokens)."),
     chunk: int = typer.Option(512, "--chunk", min=1, help="Prefill chunk of the engine (tokens)."),
 ) -> None:
-    """The serving engine: 8 decoders over 1, a follow-up turn warm vs cold, decoders' stall while a long prompt prefills."""
+    """The serving engine: 8 decoders over 1, a follow-up turn warm vs cold, decoders while a long prompt prefills."""
     from rich.console import Console
 
     from runtime.bench_serve import bench_serve

@@ -147,21 +147,22 @@ class Engine:
     """Serves `GenerationRequest`s on `model` (see the module docstring).
 
     `detokenize` turns ids into text for stop strings; `max_running` bounds the sequences
-    stepped together; `budget_bytes` bounds the memory of the sequences kept warm on the
-    model's device (None: unbounded), `host_budget_bytes` those moved to host memory (default
-    the same); `persist`/`cache_root` as for a Session; `context_limit` defaults to the
-    model's maximum position. Drive it with `start()` (a background thread) or by calling
+    stepped together; `max_kept` the finished ones kept warm; `budget_bytes` the memory of
+    running and kept sequences on the model's device (None: no byte limit; kept ones go first),
+    `host_budget_bytes` that of those moved to host memory (default the same);
+    `persist`/`cache_root` as for a Session; `context_limit` defaults to the model's maximum
+    position. Drive it with `start()` (a background thread) or by calling
     `step()` yourself.
     """
 
     def __init__(self, model: Model, *, detokenize: Callable[[list[int]], str] | None = None, max_running: int = 8,
-                 chunk_size: int = 512, budget_bytes: int | None = None, host_budget_bytes: int | None = None,
-                 persist: bool = False, cache_root: str | Path | None = None, context_limit: int | None = None,
-                 warn: Callable[[str], None] = lambda _: None) -> None:
-        if max_running < 1 or chunk_size < 1:
-            raise ValueError("max_running and chunk_size must be at least 1")
+                 chunk_size: int = 512, max_kept: int = 64, budget_bytes: int | None = None,
+                 host_budget_bytes: int | None = None, persist: bool = False, cache_root: str | Path | None = None,
+                 context_limit: int | None = None, warn: Callable[[str], None] = lambda _: None) -> None:
+        if max_running < 1 or chunk_size < 1 or max_kept < 0:
+            raise ValueError("max_running and chunk_size must be at least 1, max_kept at least 0")
         self.model, self.detokenize, self.max_running, self.chunk_size = model, detokenize, max_running, chunk_size
-        self.budget_bytes = budget_bytes
+        self.max_kept, self.budget_bytes = max_kept, budget_bytes
         self.host_budget_bytes = host_budget_bytes if host_budget_bytes is not None else budget_bytes
         self.persist, self.cache_root, self.warn = persist, cache_root, warn
         self.context_limit = context_limit or model.config.max_position_embeddings
@@ -410,6 +411,10 @@ class Engine:
 
     def _evict(self) -> None:
         """Least recently used kept sessions out beyond the budgets: to host memory, then dropped."""
+        while len(self._kept) > self.max_kept:
+            self._kept.pop(0)
+            with self._cond:
+                self._totals["evictions"] += 1
         if self.budget_bytes is None:
             return
         gpu = self.model.device.type != "cpu"
