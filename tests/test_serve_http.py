@@ -698,7 +698,8 @@ def test_v4agent_serve_starts_on_loopback_and_stops_on_ctrl_c(tiny, monkeypatch:
     import signal
 
     monkeypatch.setenv("V4AGENT_API_KEY", "sk-from-env")
-    process = serve_command("--weights", str(tiny), "--port", "0", "--device", "cpu", "--precision", "exact")
+    process = serve_command("--weights", str(tiny), "--port", "0", "--device", "cpu", "--precision", "exact",
+                            "--kv-budget-mb", "0")
     try:
         line = process.stderr.readline()
         assert line.startswith(f"serving {tiny.name} on http://127.0.0.1:"), line + process.stderr.read()
@@ -706,8 +707,13 @@ def test_v4agent_serve_starts_on_loopback_and_stops_on_ctrl_c(tiny, monkeypatch:
         import httpx
 
         assert httpx.get(url + "/models", timeout=30).status_code == 401  # the key from the environment holds
-        answer = httpx.get(url + "/models", headers={"Authorization": "Bearer sk-from-env"}, timeout=30)
+        key = {"Authorization": "Bearer sk-from-env"}
+        answer = httpx.get(url + "/models", headers=key, timeout=30)
         assert answer.json()["data"][0]["id"] == tiny.name
+        chat = {"model": tiny.name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert httpx.post(url + "/chat/completions", json=chat, headers=key, timeout=60).status_code == 200
+        metrics = httpx.get(url.removesuffix("/v1") + "/metrics", headers=key, timeout=30).text
+        assert "v4agent_engine_evictions 1" in metrics, metrics  # no room to keep the conversation
     finally:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=30)
@@ -719,6 +725,7 @@ def test_v4agent_serve_starts_on_loopback_and_stops_on_ctrl_c(tiny, monkeypatch:
     (["--weights", ".", "--device", "tpu"], "--device must be"),
     (["--weights", ".", "--precision", "fp4"], "--precision must be"),
     (["--weights", ".", "--host", "203.0.113.1"], "cannot listen on 203.0.113.1"),
+    (["--weights", ".", "--kv-budget-mb", "-1"], "--kv-budget-mb must be"),
 ])
 def test_serve_usage_errors_exit_2(args: list[str], message: str):
     process = serve_command(*args)

@@ -33,6 +33,10 @@ def serve_cmd(
     max_running: int = typer.Option(8, "--max-running", help="Sequences decoded together in one batch."),
     persist: bool = typer.Option(False, "--persist",
                                  help="Save KV prefixes to the on-disk prefix cache and reuse them."),
+    kv_budget_mb: int | None = typer.Option(
+        None, "--kv-budget-mb", metavar="<MB>",
+        help="Memory the finished conversations kept warm may hold together; the least recently used "
+             "go first (to host memory on a GPU). \\[default: no limit beyond 64 conversations]"),
     model_name: str | None = typer.Option(
         None, "--model-name", help="The model name clients ask for. \\[default: the weights' directory name]"),
     effort_profile: str = typer.Option("preview", "--effort-profile", metavar="<preview|v2>",
@@ -53,6 +57,8 @@ def serve_cmd(
         raise fail(f"--port must be 0..65535, not {port}")
     if max_running < 1:
         raise fail("--max-running must be at least 1")
+    if kv_budget_mb is not None and kv_budget_mb < 0:
+        raise fail("--kv-budget-mb must be 0 or more")
     from runtime.distributed import follower
 
     listener = None
@@ -85,7 +91,8 @@ def serve_cmd(
         raise fail(f"cannot read {e.filename or weights}: {e.strerror or e}") from None
     context_limit = model.config.max_position_embeddings
     engine = Engine(model, detokenize=tokenizer.decode, max_running=max_running, persist=persist,
-                    context_limit=context_limit)
+                    context_limit=context_limit,
+                    budget_bytes=None if kv_budget_mb is None else kv_budget_mb << 20)
     name = model_name or weights.resolve().name
     app = create_app(Service(engine, tokenizer, name, context_limit, effort_profile=effort_profile),
                      api_key=api_key, cors_origins=cors_origin)
