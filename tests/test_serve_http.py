@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -367,7 +368,6 @@ class Serving:
     def __init__(self, app) -> None:
         import socket
         import threading
-        import time
 
         import uvicorn
 
@@ -534,8 +534,15 @@ def test_chat_completions_streamed_and_not_agree(server, tiny, caplog: pytest.Lo
     assert text == (choice.message.content or "")
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
     assert chunks[-1].usage.completion_tokens == usage.completion_tokens
-    lines = [r.getMessage() for r in caplog.records if '"POST /v1/chat/completions" 200' in r.getMessage()]
-    assert len(lines) == 2 and all(f"prompt={len(prompt)} " in line for line in lines)  # one per request
+    # one line per request; a stream's is written once the server has sent its end, which the
+    # client may have read already
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [r.getMessage() for r in caplog.records if '"POST /v1/chat/completions" 200' in r.getMessage()]
+        if len(lines) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(lines) == 2 and all(f"prompt={len(prompt)} " in line for line in lines)
 
     # Think-high: what the model writes first is reasoning.
     thought = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, temperature=0,
@@ -632,7 +639,6 @@ def test_prefill_keeps_the_stream_alive(server):
 
 
 def test_a_client_that_leaves_mid_stream_cancels_its_generation(server):
-    import time
 
     import httpx
 
@@ -754,7 +760,6 @@ def test_concurrent_clients_get_their_solo_answers(server):
 def test_a_stream_whose_client_left_before_it_began_cancels_too(server, tiny):
     """The client is gone while the answer's headers are still being sent: the event generator
     never starts, so its own cleanup cannot cancel the generation; the response's does."""
-    import time
 
     from starlette.requests import Request
 
