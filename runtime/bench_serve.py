@@ -32,16 +32,6 @@ from runtime.serve.engine import Engine, Finished, GenerationRequest, Handle, To
 NEW_TURN_TOKENS = 256
 
 
-def _available(handle: Handle) -> list:
-    events = []
-    try:
-        for event in handle.events(timeout=0):
-            events.append(event)
-    except TimeoutError:
-        pass
-    return events
-
-
 def _until_first_token(engine: Engine, request: GenerationRequest) -> tuple[float, Finished]:
     """Seconds from submitting `request` to its first token; its end, once run out."""
     events: list = []
@@ -49,11 +39,11 @@ def _until_first_token(engine: Engine, request: GenerationRequest) -> tuple[floa
     handle = engine.submit(request)
     while not any(isinstance(e, Token) for e in events):
         engine.step()
-        events += _available(handle)
+        events += handle.ready()
     seconds = time.perf_counter() - start
     while not handle.finished:
         engine.step()
-    return seconds, (events + _available(handle))[-1]
+    return seconds, (events + handle.ready())[-1]
 
 
 def _run_out(engine: Engine, handles: list[Handle]) -> list[list[int]]:
@@ -63,7 +53,7 @@ def _run_out(engine: Engine, handles: list[Handle]) -> list[list[int]]:
     while not all(done):
         engine.step()
         for i, h in enumerate(handles):
-            for e in _available(h):
+            for e in h.ready():
                 if isinstance(e, Token):
                     out[i].append(e.id)
                 done[i] = done[i] or isinstance(e, Finished)
@@ -76,7 +66,7 @@ def _decode_rate(engine: Engine, prompts: list[list[int]], steps: int) -> float:
     started = [False] * len(handles)
     while not all(started):
         engine.step()  # prefills, up to every request's first token
-        started = [s or any(isinstance(e, Token) for e in _available(h)) for s, h in zip(started, handles)]
+        started = [s or any(isinstance(e, Token) for e in h.ready()) for s, h in zip(started, handles)]
     start = time.perf_counter()
     tokens = sum(len(t) for t in _run_out(engine, handles))
     return tokens / (time.perf_counter() - start)
@@ -128,7 +118,7 @@ def bench_serve(context: int = 16384, decoders: int = 4, batch: int = 8, chunk_s
         engine.step()
         now = time.perf_counter()
         for i, h in enumerate(running):
-            times[i] += [now] * sum(isinstance(e, Token) for e in _available(h))
+            times[i] += [now] * sum(isinstance(e, Token) for e in h.ready())
 
     while min(len(t) for t in times) < 16:
         step()

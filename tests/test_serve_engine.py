@@ -71,30 +71,19 @@ def run_one(engine: Engine, request: GenerationRequest):
     return outcome(handle)
 
 
-def available(handle) -> list:
-    """The events a handle holds now, without waiting."""
-    events = []
-    try:
-        for event in handle.events(timeout=0):
-            events.append(event)
-    except TimeoutError:
-        pass
-    return events
-
-
 def test_a_long_prefill_delays_decoders_by_one_chunk_per_step(exact) -> None:
     engine = Engine(exact, chunk_size=CHUNK)
     decoder = engine.submit(GenerationRequest(tokens(20, 1), 40))
     engine.step()
     engine.step()  # its prompt: chunks of 16 and 4 tokens
-    assert [e.done for e in available(decoder)] == [16, 20]
+    assert [e.done for e in decoder.ready()] == [16, 20]
     long = engine.submit(GenerationRequest(tokens(100, 2), 1))
     events, steps = [], 0
     while not long.finished:
         engine.step()
         steps += 1
-        assert [type(e) for e in available(decoder)] == [Token]  # the decoder gets a token every step
-        events += available(long)
+        assert [type(e) for e in decoder.ready()] == [Token]  # the decoder gets a token every step
+        events += long.ready()
     progress = [e.done for e in events if isinstance(e, PrefillProgress)]
     assert progress == list(range(CHUNK, 100, CHUNK)) + [100] and steps == len(progress) + 1
     assert [e.id for e in events if isinstance(e, Token)] == solo(exact, GenerationRequest(tokens(100, 2), 1))

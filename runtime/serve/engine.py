@@ -104,6 +104,12 @@ class Handle:
             if isinstance(event, Finished):
                 return
 
+    def ready(self) -> list[Event]:
+        """The events held now, without waiting (for callers that drive `Engine.step` themselves)."""
+        with self._cond:
+            events, self._events = list(self._events), deque()
+        return events
+
     async def aevents(self) -> AsyncIterator[Event]:
         """For asyncio: each event as it comes, waiting on a future the engine's thread resolves."""
         loop = asyncio.get_running_loop()
