@@ -166,8 +166,7 @@ def parallel(checkpoint_dir, single):
     return run
 
 
-@pytest.mark.parametrize("name", ["tp2_lead", "ep2", pytest.param("tp2", marks=pytest.mark.slow),
-                                  pytest.param("tp2_ep4", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["tp2_lead", "ep2", pytest.param("tp2", marks=pytest.mark.slow), "tp2_ep4"])
 def test_parallel_equals_single(parallel, single, name):
     """Every rank runs the same calls (SPMD), or rank 0 alone does and the others follow (lead)."""
     expected = single[0]
@@ -286,7 +285,7 @@ def test_command_line_greedy_equals_single(checkpoint_dir, exact):
     assert (result["tp"], result["ep"], result["tokens"]) == (2, 1, expected)
 
 
-@pytest.mark.parametrize("how", [pytest.param("die", marks=pytest.mark.slow), "hang"])
+@pytest.mark.parametrize("how", ["die", "hang"])
 def test_lost_rank_ends_the_job_with_an_error(checkpoint_dir, tmp_path, how):
     """Rank 1 is killed (die) or stops answering (hang) while rank 0 is in a forward: rank 0 stops
     with RankFailure, within the 5 s timeout for a hang, at once for a death."""
