@@ -312,32 +312,22 @@ class Engine:
         return True
 
     def _forward(self, work: list[tuple[Session, list[int], str]]) -> list[ExtendOutput | Exception]:
-        """One batched forward of every sequence's ids; an exception in place of the output of a
-        sequence that failed. A verify needs the logits of both its rows, a prefill chunk only its
-        last row's, so in a step with verifies the chunk runs in a forward of its own."""
-        verify = any(mode == "all" for _, _, mode in work)
-        groups: dict[str, list[int]] = {}
-        for i, (_, ids, mode) in enumerate(work):
-            groups.setdefault("all" if verify and len(ids) <= 2 else mode, []).append(i)
-        outs: list[ExtendOutput | Exception | None] = [None] * len(work)
-        for mode, members in groups.items():
-            for i, out in zip(members, self._batch([work[i][:2] for i in members], mode)):
-                outs[i] = out
-        return outs
-
-    def _batch(self, items: list[tuple[Session, list[int]]], mode: str) -> list[ExtendOutput | Exception]:
-        sessions = [s for s, _ in items]
+        """One batched forward of every sequence's ids, each with its own logits mode (a verify
+        needs both its rows', a prefill chunk only its last row's); an exception in place of the
+        output of a sequence that failed."""
+        sessions = [s for s, _, _ in work]
         before = [s.state.copy() for s in sessions]  # free: states share their tensors
         try:
-            return self.model.extend_batch([s.state for s in sessions], [torch.tensor(ids) for _, ids in items],
-                                           logits=mode, return_streams=bool(self.model.mtp))
+            return self.model.extend_batch([s.state for s in sessions], [torch.tensor(ids) for _, ids, _ in work],
+                                           logits=[mode for _, _, mode in work],
+                                           return_streams=bool(self.model.mtp))
         except Exception as e:
-            if len(items) == 1:
+            if len(work) == 1:
                 return [e]
         # one of them failed: find which, each from its state before the batch
         for session, state in zip(sessions, before):
             session.state = state
-        return [out for item in items for out in self._batch([item], mode)]
+        return [out for item in work for out in self._forward([item])]
 
     def _prefilled(self, seq: _Sequence, out: ExtendOutput) -> None:
         seq.prefill.finish(out)
