@@ -229,7 +229,19 @@ def _wait(process: subprocess.Popen[bytes], limit: float, watch: DiskWatch, sett
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        process.wait()
+        _reap(process)
+
+
+def _reap(process: subprocess.Popen[bytes]) -> None:
+    """Wait for the killed command without Popen's lock: a Ctrl-C landing inside Popen.wait's
+    poll, just after it took that lock and before its `try`, leaves the lock held, and a later
+    wait() then blocks for ever (seen: `fix` hung after Ctrl-C)."""
+    if process.returncode is None:
+        try:
+            _, status = os.waitpid(process.pid, 0)
+            process.returncode = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:  # reaped already
+            pass
 
 
 def _joined(notes: list[str]) -> str:
