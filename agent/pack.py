@@ -21,14 +21,22 @@ Files that look like secrets (agent/pack_files.py: keys, tokens, .env files) are
 listed, unless the caller passes include_secrets=True: the prompt may go to a remote endpoint.
 
 Token ids of file contents and outlines are cached on disk by git blob id (agent/pack_cache.py):
-packing again after an edit tokenizes only the edited file.
+packing again after an edit tokenizes only the edited file. What a pack needs of every file (its
+token count or skip verdict, secret verdict, outline facts, term index, the ids of its path) is
+also kept in segments: the files' blobs (or paths) are spread over SEGMENTS buckets, and each
+bucket's facts are one entry keyed by exactly the bucket's items, so a warm pack opens a few
+hundred entries instead of several per file, and an edit misses only the buckets of the old and
+the new blob. The ids of the files put in the prompt are still read from their own entries, and
+made again from the packed text when one is gone or bad.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+import zlib
+from array import array
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -63,6 +71,7 @@ OUTLINE_VALUE = 0.25  # an outline's worth relative to the full text: the model 
 DP_FILES = 512  # the most likely files whose modes are chosen exactly; the rest by worth per token
 OUTLINE_HEADER = "[outline: signatures, first docstring lines, #N = line number; read_file for the full text]\n"
 _BATCH_BYTES = 4_000_000  # tokenized per encode_batch call: bounds memory, paces progress
+SEGMENTS = 64  # buckets of per-file facts: entries opened per kind and pack, at most
 # Outline cache entries are keyed by the outliner's own source, so changing it invalidates them.
 _OUTLINE_VERSION = hashlib.blake2b(Path(outline_module.__file__).read_bytes() + OUTLINE_HEADER.encode(),
                                    digest_size=6).hexdigest()
@@ -129,6 +138,7 @@ class PackResult:
     _path_ids: dict[str, list[int]] = field(repr=False)
     _outlines: dict[str, tuple[str, str]] = field(repr=False)  # path -> (outline text, ids key)
     _markers: tuple[int, int, int, int] = field(repr=False)
+    _tokenizer: PackTokenizer = field(repr=False)
     ranking: Ranking | None = field(default=None, repr=False)  # None: the whole repository fit
 
     @property
@@ -155,19 +165,32 @@ class PackResult:
         return "".join(wrap_file(f.path, self._content(f)) for f in self.files if f.mode != "dropped")
 
     def ids(self) -> list[int]:
-        """The token ids of `text()`, from the cache (no tokenizing)."""
+        """The token ids of `text()`, from the cache (tokenizing only what is gone from it)."""
         name_begin, name_end, file_begin, file_end = self._markers
         ids: list[int] = []
         for f in self.files:
             if f.mode == "dropped":
                 continue
-            key = f"{f.blob}.ids" if f.mode == "full" else self._outlines[f.path][1]
             ids.append(name_begin)
             ids += self._path_ids[f.path]
             ids += (name_end, file_begin)
-            ids += self._store.load_ids(key)
+            ids += self._content_ids(f)
             ids.append(file_end)
         return ids
+
+    def _content_ids(self, f: PackedFile) -> Sequence[int]:
+        """The ids of a packed file's content (or outline). The pack took its count from a
+        segment, not from this entry: an entry gone or bad since is made again from the text."""
+        key = f"{f.blob}.ids" if f.mode == "full" else self._outlines[f.path][1]
+        try:
+            found: Sequence[int] = self._store.load_ids(key)
+        except KeyError:
+            (found,) = self._tokenizer.encode_batch([self._content(f)])
+            self._store.save_ids(key, found)
+        if 4 + len(self._path_ids[f.path]) + len(found) != f.tokens:
+            raise PackError(f"{f.path}: the token cache disagrees with itself; remove {self._store.directory} "
+                            "and pack again")
+        return found
 
     def _content(self, f: PackedFile) -> str:
         if f.mode == "outlined":
@@ -184,7 +207,6 @@ class _Candidate:
     content_tokens: int
     wrap_tokens: int = 0
     outline_key: str | None = None  # ids key of its outline, when it has one
-    outline_text: str = ""
     outline_content_tokens: int = 0
     symbols: list[str] = field(default_factory=list)
     imports: list[str] = field(default_factory=list)
@@ -230,8 +252,8 @@ def pack_repository(path: Path, *, budget: int = DEFAULT_BUDGET, issue: str | No
         files = [f for f in files if f.path not in secrets]
 
     candidates, tokenized = _tokenize_contents(contents, files, store, tokenizer, skipped, report)
-    paths = [c.file.path for c in candidates]
-    path_ids = dict(zip(paths, tokenizer.encode_batch(paths))) if paths else {}
+    path_ids = _segmented(store, "path", [c.file.path for c in candidates],
+                          lambda paths: dict(zip(paths, tokenizer.encode_batch(paths))), binary=True)
     for c in candidates:
         c.wrap_tokens = 4 + len(path_ids[c.file.path])
 
@@ -254,6 +276,8 @@ def pack_repository(path: Path, *, budget: int = DEFAULT_BUDGET, issue: str | No
             c.probability = float(p)
         modes = _select(candidates, ranking.scores, budget)
 
+    outlines = _outline_texts(contents, [c for c in candidates if modes[c.file.path] == "outlined"], store,
+                              tokenizer)
     packed = [_packed(c, modes[c.file.path]) for c in candidates]
     packed.sort(key=lambda f: (f.mode == "dropped", f.mode != "dropped" and f.changed, f.path))
     markers = tuple(tokenizer.token_to_id(t) for t in (FILE_NAME_BEGIN, FILE_NAME_END, FILE_BEGIN, FILE_END))
@@ -261,10 +285,9 @@ def pack_repository(path: Path, *, budget: int = DEFAULT_BUDGET, issue: str | No
         root=root, budget=budget, files=packed, skipped=sorted(skipped), secrets=sorted(secrets.items()),
         secrets_included=include_secrets,
         stats=PackStats(tokenized, outlined, time.perf_counter() - start, indexed),
-        _store=store, _path_ids=path_ids,
-        _outlines={c.file.path: (c.outline_text, c.outline_key) for c in candidates if c.outline_key},
+        _store=store, _path_ids=path_ids, _outlines=outlines,
         _markers=markers,  # type: ignore[arg-type]
-        ranking=ranking,
+        _tokenizer=tokenizer, ranking=ranking,
     )
 
 
@@ -297,21 +320,60 @@ class _Contents:
         return found
 
 
+def _segmented(store: TokenStore, kind: str, items: Collection[str], make: Callable[[list[str]], dict[str, Any]],
+               binary: bool = False) -> dict[str, Any]:
+    """{item: fact} for `items` (blob ids, or paths), kept in few cache entries: the items are
+    spread over SEGMENTS buckets by a hash, and a bucket's facts are one entry keyed by a digest
+    of `kind` and exactly the bucket's items, so an entry is only ever used for the items it was
+    made for. A bucket without a good entry gets its facts from `make` (each file's own entries,
+    or computed) and is saved. binary: the facts are id arrays (else JSON values)."""
+    buckets: dict[int, list[str]] = {}
+    for item in sorted(set(items)):
+        buckets.setdefault(zlib.crc32(item.encode()) % SEGMENTS, []).append(item)
+    found: dict[str, Any] = {}
+    missing: list[tuple[str, list[str]]] = []
+    for members in buckets.values():
+        digest = hashlib.blake2b("\0".join([kind, *members]).encode(), digest_size=16).hexdigest()
+        key = f"{digest}.{kind}"
+        values = store.load_arrays(key) if binary else store.load_json(key)
+        if isinstance(values, list) and len(values) == len(members):
+            found.update(zip(members, values))
+        else:
+            missing.append((key, members))
+    if missing:
+        found.update(make([item for _, members in missing for item in members]))
+        for key, members in missing:
+            values = [found[item] for item in members]
+            if binary:
+                store.save_arrays(key, values)
+            else:
+                store.save_json(key, values)
+    return found
+
+
 def _secrets(contents: _Contents, files: Sequence[RepoFile], store: TokenStore) -> dict[str, str]:
     """{path: why it looks like a secret}. Names count for files that differ from HEAD (a file as
     committed is already shared with whoever has the repository: a committed `.env.example` is
     fine); content counts for every file, its verdict cached per blob."""
-    found: dict[str, str] = {}
-    for f in files:
-        reason = secret_name_reason(f.path) if f.changed else None
-        if reason is None:
-            key = f"{f.blob}.secret-{SECRET_RULES_VERSION}"
+    by_name = {f.path: reason for f in files if f.changed and (reason := secret_name_reason(f.path))}
+    paths = {f.blob: f.path for f in files if f.path not in by_name}
+
+    def make(blobs: list[str]) -> dict[str, str | None]:
+        verdicts: dict[str, str | None] = {}
+        for blob in blobs:
+            key = f"{blob}.secret-{SECRET_RULES_VERSION}"
             cached = store.load_json(key)
             if isinstance(cached, dict) and "reason" in cached:
-                reason = cached["reason"]
+                verdicts[blob] = cached["reason"]
             else:
-                reason = secret_content_reason(contents.data(f.path))
-                store.save_json(key, {"reason": reason})
+                verdicts[blob] = secret_content_reason(contents.data(paths[blob]))
+                store.save_json(key, {"reason": verdicts[blob]})
+        return verdicts
+
+    by_content = _segmented(store, f"secret-{SECRET_RULES_VERSION}", paths, make)
+    found: dict[str, str] = {}
+    for f in files:
+        reason = by_name.get(f.path) or by_content[f.blob]
         if reason:
             found[f.path] = reason
     return found
@@ -335,39 +397,51 @@ def _batches(items: Sequence[Any], sizes: Sequence[int]) -> list[list[Any]]:
 
 def _tokenize_contents(contents: _Contents, files: Sequence[RepoFile], store: TokenStore, tokenizer: PackTokenizer,
                        skipped: list[tuple[str, str]], report: Progress) -> tuple[list[_Candidate], int]:
-    """Candidates with their content token counts, tokenizing only blobs the cache lacks;
-    files failing the content filters are added to `skipped` (their verdict cached too)."""
-    counts: dict[str, int] = {}
-    pending: list[RepoFile] = []
-    for f in files:
-        count = store.count(f"{f.blob}.ids")
-        if count is not None:
-            counts[f.path] = count
-            continue
-        reason = store.load_json(f"{f.blob}.skip")
-        if reason is not None:
-            skipped.append((f.path, reason))
-        else:
-            pending.append(f)
-    done = len(files) - len(pending)
-    report("tokenizing", done, len(files))
+    """Candidates with their content token counts, tokenizing only blobs the cache lacks (each
+    once); files failing the content filters are added to `skipped` (their verdict cached too)."""
+    by_blob = {f.blob: f for f in files}
     tokenized = 0
-    for batch in _batches(pending, [f.size for f in pending]):
-        texts: list[tuple[RepoFile, str]] = []
-        for f in batch:
-            reason = content_skip_reason(contents.data(f.path))
-            if reason is None:
-                texts.append((f, contents.text(f.path)))
+
+    def make(blobs: list[str]) -> dict[str, int | str]:
+        """{blob: its token count, or why it is skipped}."""
+        nonlocal tokenized
+        facts: dict[str, int | str] = {}
+        pending: list[RepoFile] = []
+        for blob in blobs:
+            count = store.count(f"{blob}.ids")
+            reason = None if count is not None else store.load_json(f"{blob}.skip")
+            if count is not None or reason is not None:
+                facts[blob] = count if count is not None else reason
             else:
-                store.save_json(f"{f.blob}.skip", reason)
-                skipped.append((f.path, reason))
-        for (f, _), ids in zip(texts, tokenizer.encode_batch([text for _, text in texts])):
-            store.save_ids(f"{f.blob}.ids", ids)
-            counts[f.path] = len(ids)
-        tokenized += len(texts)
-        done += len(batch)
-        report("tokenizing", done, len(files))
-    return [_Candidate(f, counts[f.path]) for f in files if f.path in counts], tokenized
+                pending.append(by_blob[blob])
+        done = len(blobs) - len(pending)
+        report("tokenizing", done, len(blobs))
+        for batch in _batches(pending, [f.size for f in pending]):
+            texts: list[tuple[RepoFile, str]] = []
+            for f in batch:
+                reason = content_skip_reason(contents.data(f.path))
+                if reason is None:
+                    texts.append((f, contents.text(f.path)))
+                else:
+                    store.save_json(f"{f.blob}.skip", reason)
+                    facts[f.blob] = reason
+            for (f, _), ids in zip(texts, tokenizer.encode_batch([text for _, text in texts])):
+                store.save_ids(f"{f.blob}.ids", ids)
+                facts[f.blob] = len(ids)
+            tokenized += len(texts)
+            done += len(batch)
+            report("tokenizing", done, len(blobs))
+        return facts
+
+    facts = _segmented(store, "count", by_blob, make)
+    candidates: list[_Candidate] = []
+    for f in files:
+        fact = facts[f.blob]
+        if isinstance(fact, int):
+            candidates.append(_Candidate(f, fact))
+        else:
+            skipped.append((f.path, fact))
+    return candidates, tokenized
 
 
 def _outline_key(blob: str, language: str) -> str:
@@ -376,60 +450,115 @@ def _outline_key(blob: str, language: str) -> str:
 
 def _outline_all(contents: _Contents, candidates: Sequence[_Candidate], store: TokenStore, tokenizer: PackTokenizer,
                  report: Progress) -> int:
-    """Fill in the outlines of all candidates that have one (from the cache, or computed and
-    tokenized); returns how many were computed."""
-    todo: list[tuple[_Candidate, str]] = []
-    with_language = [(c, language_of(c.file.path)) for c in candidates]
-    with_language = [(c, lang) for c, lang in with_language if lang is not None]
-    for c, language in with_language:
-        key = _outline_key(c.file.blob, language)
-        record = store.load_json(f"{key}.json")
-        count = store.count(f"{key}.ids")
-        if record is None or count is None:
-            todo.append((c, language))
-        else:
-            _set_outline(c, key, record, count)
-    done = len(with_language) - len(todo)
-    report("outlining", done, len(with_language))
-    for batch in _batches(todo, [c.file.size for c, _ in todo]):
-        made = []
-        for c, language in batch:
-            found = outline(c.file.path, contents.text(c.file.path))
-            assert found is not None  # its language has a grammar
-            made.append((c, _outline_key(c.file.blob, language), found))
-        texts = [OUTLINE_HEADER + found.text for _, _, found in made]
-        for (c, key, found), ids in zip(made, tokenizer.encode_batch(texts)):
-            record = {"text": found.text, "symbols": found.symbols, "imports": found.imports}
+    """Fill in the outline facts of all candidates that have an outline (its token count, the
+    names it defines and imports; from the cache, or outlined and tokenized); returns how many
+    were made. The outline texts are read later, for the files outlined in the prompt only."""
+    languages = {c.file.path: language_of(c.file.path) for c in candidates}
+    # Items are blob.language: the language comes from the file name, not the content.
+    files = {f"{c.file.blob}.{language}": (c.file, language) for c in candidates
+             if (language := languages[c.file.path]) is not None}
+    made = 0
+
+    def make(names: list[str]) -> dict[str, list[Any]]:
+        """{blob.language: [token count, whether there is any text, symbols, imports]}."""
+        nonlocal made
+        facts: dict[str, list[Any]] = {}
+        todo: list[tuple[RepoFile, str]] = []
+        for name in names:
+            f, language = files[name]
+            key = _outline_key(f.blob, language)
+            record, count = store.load_json(f"{key}.json"), store.count(f"{key}.ids")
+            if record is None or count is None:
+                todo.append(files[name])
+            else:
+                facts[name] = _outline_facts(record, count)
+        made = len(todo)
+        report("outlining", len(names) - len(todo), len(names))
+        progress = lambda done: report("outlining", len(names) - len(todo) + done, len(names))
+        for (f, language), (record, count) in zip(todo, _make_outlines(contents, todo, store, tokenizer, progress)):
+            facts[f"{f.blob}.{language}"] = _outline_facts(record, count)
+        return facts
+
+    facts = _segmented(store, f"outline-{_OUTLINE_VERSION}", files, make)
+    for c in candidates:
+        language = languages[c.file.path]
+        if language is not None:
+            count, has_text, c.symbols, c.imports = facts[f"{c.file.blob}.{language}"]
+            # An empty outline, or one no cheaper than the file, is no option.
+            if has_text and count < c.content_tokens:
+                c.outline_key, c.outline_content_tokens = f"{_outline_key(c.file.blob, language)}.ids", count
+    return made
+
+
+def _outline_facts(record: dict[str, Any], count: int) -> list[Any]:
+    return [count, bool(record["text"]), record["symbols"], record["imports"]]
+
+
+def _make_outlines(contents: _Contents, todo: Sequence[tuple[RepoFile, str]], store: TokenStore,
+                   tokenizer: PackTokenizer, report: Callable[[int], None]) -> list[tuple[dict[str, Any], int]]:
+    """Outline and tokenize the files of `todo` ((file, language)), saving their entries; for
+    each in turn, (its record: text, symbols, imports; its token count)."""
+    made: list[tuple[dict[str, Any], int]] = []
+    for batch in _batches(todo, [f.size for f, _ in todo]):
+        found = []
+        for f, language in batch:
+            result = outline(f.path, contents.text(f.path))
+            assert result is not None  # its language has a grammar
+            found.append((_outline_key(f.blob, language), result))
+        for (key, result), ids in zip(found, tokenizer.encode_batch([OUTLINE_HEADER + r.text for _, r in found])):
+            record = {"text": result.text, "symbols": result.symbols, "imports": result.imports}
             store.save_ids(f"{key}.ids", ids)
             store.save_json(f"{key}.json", record)
-            _set_outline(c, key, record, len(ids))
-        done += len(batch)
-        report("outlining", done, len(with_language))
-    return len(todo)
+            made.append((record, len(ids)))
+        report(len(made))
+    return made
 
 
-def _set_outline(c: _Candidate, key: str, record: dict[str, Any], count: int) -> None:
-    c.symbols, c.imports = record["symbols"], record["imports"]
-    # An empty outline, or one no cheaper than the file, is no option.
-    if record["text"] and count < c.content_tokens:
-        c.outline_key, c.outline_text, c.outline_content_tokens = f"{key}.ids", record["text"], count
+def _outline_texts(contents: _Contents, outlined: Sequence[_Candidate], store: TokenStore,
+                   tokenizer: PackTokenizer) -> dict[str, tuple[str, str]]:
+    """{path: (outline text, ids key)} of the files outlined in the prompt, each from its own
+    entry, or outlined again when that is gone or bad."""
+    texts: dict[str, tuple[str, str]] = {}
+    for c in outlined:
+        assert c.outline_key is not None  # only files with an outline are outlined
+        key = c.outline_key.removesuffix(".ids")
+        record = store.load_json(f"{key}.json")
+        if record is None:
+            language = language_of(c.file.path)
+            assert language is not None
+            ((record, count),) = _make_outlines(contents, [(c.file, language)], store, tokenizer, lambda done: None)
+            if count != c.outline_content_tokens:
+                raise PackError(f"{c.file.path}: the token cache disagrees with itself; remove {store.directory} "
+                                "and pack again")
+        texts[c.file.path] = (record["text"], c.outline_key)
+    return texts
 
 
 def _index_terms(contents: _Contents, candidates: Sequence[_Candidate], store: TokenStore, report: Progress) -> int:
     """Fill in the term index of every candidate (agent/rank_terms.py), from the cache or made
     from the file; returns how many were made."""
+    paths = {c.file.blob: c.file.path for c in candidates}
     made = 0
-    report("indexing", 0, len(candidates))
-    for done, c in enumerate(candidates, 1):
-        key = f"{c.file.blob}.terms-{_TERMS_VERSION}"
-        try:
-            c.terms = TermIndex.decode(store.load_ids(key))
-        except KeyError:
-            c.terms = TermIndex.of_text(contents.text(c.file.path))
-            store.save_ids(key, c.terms.encode())
-            made += 1
-        if done % 500 == 0 or done == len(candidates):
-            report("indexing", done, len(candidates))
+
+    def make(blobs: list[str]) -> dict[str, array]:
+        nonlocal made
+        encoded: dict[str, array] = {}
+        report("indexing", 0, len(blobs))
+        for done, blob in enumerate(blobs, 1):
+            key = f"{blob}.terms-{_TERMS_VERSION}"
+            try:
+                encoded[blob] = store.load_ids(key)
+            except KeyError:
+                encoded[blob] = TermIndex.of_text(contents.text(paths[blob])).encode()
+                store.save_ids(key, encoded[blob])
+                made += 1
+            if done % 500 == 0 or done == len(blobs):
+                report("indexing", done, len(blobs))
+        return encoded
+
+    encoded = _segmented(store, f"terms-{_TERMS_VERSION}", paths, make, binary=True)
+    for c in candidates:
+        c.terms = TermIndex.decode(encoded[c.file.blob])
     return made
 
 

@@ -3,7 +3,7 @@ blob ids), so unchanged files are never tokenized twice.
 
 Layout: `<root>/pack/<namespace>/v2/<key[:2]>/<key>`. An entry is a 4-byte magic, a 16-byte
 checksum (SHA-256, truncated, over the namespace, the key and the payload), then the payload: ids as raw
-native uint32, or UTF-8 JSON. An entry is used only when its checksum matches the key it is
+native uint32 (one array, or several: their count and lengths first), or UTF-8 JSON. An entry is used only when its checksum matches the key it is
 read under: a torn, truncated, edited or swapped entry is reported (a RuntimeWarning), removed,
 and counts as missing, so the caller rebuilds it. Writes go to a temporary file that is renamed
 into place: a crash leaves either the old entry or the new one, never half of one.
@@ -120,6 +120,29 @@ class TokenStore:
 
     def save_ids(self, key: str, ids: Sequence[int]) -> None:
         self._write(key, array("I", ids).tobytes())
+
+    def load_arrays(self, key: str) -> list[array] | None:
+        """The id arrays stored together under `key` (save_arrays), or None when missing or bad."""
+        payload = self._ids_payload(key)
+        if payload is None:
+            return None
+        ids = array("I")
+        ids.frombytes(payload)
+        n = ids[0] if ids else -1
+        if n < 0 or len(ids) < 1 + n or 1 + n + sum(ids[1:1 + n]) != len(ids):
+            return self._discard(self._path(key), "is not a list of id arrays")
+        arrays, at = [], 1 + n
+        for length in ids[1:1 + n]:
+            arrays.append(ids[at:at + length])
+            at += length
+        return arrays
+
+    def save_arrays(self, key: str, arrays: Sequence[Sequence[int]]) -> None:
+        """Several id arrays as one entry: how many, their lengths, then each in turn."""
+        out = array("I", [len(arrays), *(len(a) for a in arrays)])
+        for a in arrays:
+            out.extend(a)
+        self._write(key, out.tobytes())
 
     def load_json(self, key: str) -> Any:
         """The JSON value stored under `key`, or None when missing or bad."""

@@ -201,10 +201,14 @@ def test_cache_survives_torn_and_leftover_files(project: Path, tokenizer: Counti
     cache = tmp_path / "cache"
     first = pack_repository(project, tokenizer=tokenizer, cache_dir=cache)
     ids_files = sorted(cache.rglob("*.ids"))
+    whole = ids_files[0].read_bytes()
     ids_files[0].write_bytes(b"\1\2\3")  # torn: not a whole number of ids
     (ids_files[1].parent / ".tmp-leftover").write_bytes(b"junk")  # a crashed writer's temp file
-    again = pack_repository(project, tokenizer=tokenizer, cache_dir=cache)
-    assert again.stats.tokenized == 1 and again.ids() == first.ids()
+    with pytest.warns(RuntimeWarning, match=ids_files[0].name):
+        again = pack_repository(project, tokenizer=tokenizer, cache_dir=cache)
+        # The counts come from the segments: the torn entry is found, and made again, by ids().
+        assert again.ids() == first.ids()
+    assert ids_files[0].read_bytes() == whole
     store = TokenStore(tmp_path / "store")
     store.save_ids("abc", [1, 2, 3])
     assert store.count("abc") == 3 and list(store.load_ids("abc")) == [1, 2, 3] and store.count("abd") is None
