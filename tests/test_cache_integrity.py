@@ -427,6 +427,7 @@ def tokenizer():
 
 
 BUDGETS = (100_000, 1500)  # everything in full; some files outlined (their outline records read too)
+ISSUE = "f2_3 gives the wrong x"  # ranked at the small budget: the term indexes are read too
 
 
 def packs(repo: Path, tokenizer, cache: Path) -> tuple[list, list[str]]:
@@ -435,7 +436,7 @@ def packs(repo: Path, tokenizer, cache: Path) -> tuple[list, list[str]]:
         warnings.simplefilter("always")
         out = []
         for budget in BUDGETS:
-            result = pack_repository(repo, budget=budget, tokenizer=tokenizer, cache_dir=cache)
+            result = pack_repository(repo, budget=budget, issue=ISSUE, tokenizer=tokenizer, cache_dir=cache)
             ids = result.ids()
             assert ids == tokenizer.encode(result.text())
             out.append(([(f.path, f.mode) for f in result.files], result.skipped, ids))
@@ -495,6 +496,53 @@ def test_damaged_and_swapped_token_entries_never_change_what_the_model_reads(rep
         got, heard = packs(repo, tokenizer, cache)
     assert got == expected
     assert packs(repo, tokenizer, cache) == (expected, [])  # reported once: rebuilt entries verify
+
+
+def segment_entries(cache: Path) -> list[Path]:
+    """Entries over many files (keyed by a 32-digit digest; a file's own by its 40-digit blob id)."""
+    return [p for p in entries(cache) if len(p.name.split(".")[0]) == 32]
+
+
+def test_damaged_segments_are_reported_and_made_again_from_the_files_entries(repo, tokenizer, packed,
+                                                                             tmp_path) -> None:
+    pristine, expected = packed
+    cache = tmp_path / "cache"
+    shutil.copytree(pristine, cache)
+    segments = segment_entries(cache)
+    assert {p.name.split(".")[1].split("-")[0] for p in segments} == {"count", "secret", "path", "outline", "terms"}
+    for victim in segments:
+        raw = victim.read_bytes()
+        victim.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        result = pack_repository(repo, budget=BUDGETS[1], issue=ISSUE, tokenizer=tokenizer, cache_dir=cache)
+    # Every segment was read, reported and rebuilt from the files' own entries: nothing made anew.
+    assert sorted(str(w.message).split()[3] for w in heard) == sorted(map(str, segments))
+    assert (result.stats.tokenized, result.stats.outlined, result.stats.indexed) == (0, 0, 0)
+    assert packs(repo, tokenizer, cache) == (expected, [])
+
+
+def test_a_packed_files_entry_lost_after_its_segment_was_made_is_made_again(repo, tokenizer, packed,
+                                                                            tmp_path) -> None:
+    """The token counts come from segments: a file's own ids (or outline) entry gone or damaged
+    since is found when the prompt is made, and made again from the file."""
+    pristine, expected = packed
+    cache = tmp_path / "cache"
+    shutil.copytree(pristine, cache)
+    result = pack_repository(repo, budget=BUDGETS[1], issue=ISSUE, tokenizer=tokenizer, cache_dir=cache)
+    full = next(f for f in result.files if f.mode == "full" and f.path.endswith(".py"))
+    outlined = next(f for f in result.files if f.mode == "outlined")
+    (store,) = (cache / "pack").iterdir()
+    full_ids = store / "v2" / full.blob[:2] / f"{full.blob}.ids"
+    outline_ids, outline_record = sorted((store / "v2" / outlined.blob[:2]).glob(f"{outlined.blob}.python-*"))
+    kept = {p: p.read_bytes() for p in (full_ids, outline_ids, outline_record)}
+    full_ids.unlink()
+    outline_ids.unlink()
+    outline_record.write_bytes(kept[outline_record][:-2] + b"}}")  # edited: its checksum no longer holds
+    got, heard = packs(repo, tokenizer, cache)
+    assert got == expected and heard == [w for w in heard if outline_record.name in w] and len(heard) == 1
+    assert {p: p.read_bytes() for p in kept} == kept  # made again, as they were
+    assert packs(repo, tokenizer, cache) == (expected, [])
 
 
 def test_token_store_binds_entries_to_their_key_and_namespace(tmp_path) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from runtime.encoding import FILE_BEGIN, FILE_END, FILE_NAME_BEGIN, FILE_NAME_END
 from agent.outline import GRAMMARS, _Writer, outline
-from agent.pack import OUTLINE_HEADER, PackError, pack_repository
+from agent.pack import OUTLINE_HEADER, SEGMENTS, PackError, pack_repository
 from agent.pack_cache import TokenStore
 from agent.relevance import DIRECTORY_WEIGHT, PATH_WEIGHT, mentions, module_index, resolve_import
 from runtime.tokenizer import load_tokenizer
@@ -316,3 +316,49 @@ def test_mentions():
     assert mentions("see core.py", paths, symbols, module_index(paths)).named == {"pkg/core.py": 1.0}
     modules = module_index(["src/a/__init__.py", "src/a/b.py"])
     assert modules["a.b"] == "src/a/b.py" and resolve_import("..b", "src/a/c/d.py", modules) == "src/a/b.py"
+
+
+def segment_entries(cache: Path) -> list[Path]:
+    """The segment entries of a token cache (keyed by a 32-digit digest; a file's own entries by
+    its 40-digit blob id)."""
+    return [p for p in cache.rglob("*") if p.is_file() and len(p.name.split(".")[0]) == 32]
+
+
+def test_segments_give_the_pack_the_files_own_entries_give(tmp_path: Path, tokenizer: CountingTokenizer,
+                                                           monkeypatch: pytest.MonkeyPatch):
+    body = "    total = request.value * {k} + {k}\n"
+    files: dict[str, str | bytes] = {
+        f"pkg/mod{i:03d}.py": f'"""Module {i}."""\n\n\ndef handler_{i}(request):\n'
+                              + "".join(body.format(k=k) for k in range(i % 9 + 2)) + "    return total\n"
+        for i in range(120)}
+    files |= {"README.md": "# Handlers\n" * 30, "pkg/data.bin": b"\0\1\2", ".env": "KEY=1\n"}
+    root = make_repo(tmp_path / "r", files)
+    issue = "handler_42 returns the wrong total for a request"
+
+    def pack(cache: str) -> tuple:
+        result = pack_repository(root, budget=3000, issue=issue, tokenizer=tokenizer, cache_dir=tmp_path / cache)
+        return result.files, result.skipped, result.secrets, result.ids(), result.text()
+
+    cold = pack("cache")
+    modes = {f.mode for f in cold[0]}
+    assert modes == {"full", "outlined", "dropped"} and cold[1] and cold[3] == tokenizer.encode(cold[4])
+    reads: list[str] = []
+    read = TokenStore._read
+    monkeypatch.setattr(TokenStore, "_read", lambda store, key: reads.append(key) or read(store, key))
+    assert pack("cache") == cold
+    # Five kinds of segments (counts, secret verdicts, path ids, outlines, term indexes), the history,
+    # then each file in the prompt: not five entries or so per file of the repository.
+    in_prompt = sum(f.mode != "dropped" for f in cold[0])
+    assert len(reads) <= 5 * SEGMENTS + 1 + 2 * in_prompt < 4 * len(files)
+    for entry in segment_entries(tmp_path / "cache"):
+        entry.unlink()
+    assert pack("cache") == cold  # from the files' own entries, and the segments made again
+    assert segment_entries(tmp_path / "cache")
+    # An edit misses the buckets of the old and the new blob; the rest come from their segments.
+    (root / "pkg/mod042.py").write_text(files["pkg/mod042.py"] + "\n\ndef handler_42_total(request):\n    return 0\n")
+    reads.clear()
+    edited = pack("cache")
+    assert len(reads) < 5 * SEGMENTS + 1 + 2 * in_prompt + 50
+    assert edited == pack("fresh") and edited != cold
+    (root / "pkg/mod042.py").write_text(files["pkg/mod042.py"])  # type: ignore[arg-type]
+    assert pack("cache") == cold
