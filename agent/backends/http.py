@@ -15,8 +15,11 @@ Thinking mode and effort, by `reasoning_fields`:
   their DeepSeek-V4 chat templates read;
 - "none": no field at all (the server's defaults).
 
-Errors: 429 and 5xx answers and connection failures are retried with exponential backoff (or
-the server's Retry-After), at most `retries` times; any other status fails at once. Every
+Errors: a busy server (429, 503, Anthropic-style 529: a full queue, a rate limit) is asked again
+with exponential backoff (or after its Retry-After) for as long as `timeout_s` allows — a shared
+server whose queue is full drains, and the run should wait for it, not fail; OpenAI's
+`insufficient_quota` 429 does not drain and fails at once. Other 5xx answers and connection
+failures are retried the same way at most `retries` times; any other status fails at once. Every
 failure is a BackendError naming the URL, the status and the server's own message.
 
 A hostile or broken server cannot hold or exhaust the agent: `timeout_s` is the whole
@@ -53,6 +56,7 @@ from agent.trajectory import redact_text
 API_KEY_VARIABLES = ("V4AGENT_API_KEY", "DEEPSEEK_API_KEY", "OPENAI_API_KEY")
 REASONING_FIELDS = ("auto", "deepseek", "chat_template_kwargs", "none")
 MAX_BACKOFF_S = 30.0
+BUSY = (429, 503, 529)  # retried until the deadline
 MAX_RETRY_AFTER_S = 60.0
 # The caps on one answer, per token it may have (max_tokens plus TOKEN_SLACK, for servers that
 # count a few tokens more than they were asked for). V4's longest token is 128 characters, text
@@ -179,12 +183,12 @@ class HttpBackend:
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         kind = http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
-        attempts = 0
+        attempts = failures = 0
         while True:
             attempts += 1
             connection = kind(self._parts.hostname, self._parts.port, timeout=max(deadline.left(), 0.001))
             deadline.connection = connection
-            retry_after = None
+            retry_after, busy = None, False
             try:
                 connection.request("POST", self._path, body=data, headers=headers)
                 response = connection.getresponse()
@@ -194,16 +198,19 @@ class HttpBackend:
             else:
                 if response.status == 200:
                     return connection, response, attempts
-                message = self._error_text(response)
+                payload = self._error_payload(response)
+                message = server_message(payload)
                 retry_after = response.getheader("Retry-After")
                 connection.close()
                 failure = f"{self.url} answered HTTP {response.status} {response.reason}".rstrip()
                 if response.status in (401, 403):
                     raise BackendError(f"{failure}: {message}\n{self._key_hint()}")
-                if response.status != 429 and response.status < 500:
+                busy = response.status in BUSY and b"insufficient_quota" not in payload
+                if not busy and response.status < 500:
                     raise BackendError(f"{failure}: {message}")
             wait = self._backoff(attempts, retry_after)
-            if attempts > self.retries:
+            failures += not busy
+            if failures > self.retries:
                 raise BackendError(f"{failure} ({attempts} attempts): {message}")
             if wait >= deadline.left():
                 raise BackendError(f"{failure} ({attempts} attempts; waiting {wait:g} s for another would pass "
@@ -217,12 +224,17 @@ class HttpBackend:
         return min(self.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
 
     @staticmethod
-    def _error_text(response: http.client.HTTPResponse) -> str:
-        """The server's message in an answer that is not the stream (its first MAX_ERROR_BYTES)."""
+    def _error_payload(response: http.client.HTTPResponse) -> bytes:
+        """The first MAX_ERROR_BYTES of an answer that is not the stream."""
         try:
-            return server_message(response.read(MAX_ERROR_BYTES))
+            return response.read(MAX_ERROR_BYTES)
         except (OSError, http.client.HTTPException) as e:
-            return f"(the answer broke off: {e or type(e).__name__})"
+            return f"(the answer broke off: {e or type(e).__name__})".encode()
+
+    @classmethod
+    def _error_text(cls, response: http.client.HTTPResponse) -> str:
+        """The server's message in an answer that is not the stream."""
+        return server_message(cls._error_payload(response))
 
     def _key_hint(self) -> str:
         """What to check when the server refuses the key: where it came from, or that none was sent."""

@@ -31,6 +31,10 @@ def serve_cmd(
                                           help="Allow browser requests from this origin (repeatable); CORS is off "
                                                "otherwise."),
     max_running: int = typer.Option(8, "--max-running", help="Sequences decoded together in one batch."),
+    max_waiting: int | None = typer.Option(
+        None, "--max-waiting", metavar="<N>",
+        help="Requests queued beyond the running ones; past that a request is refused with 429 (Anthropic: 529) "
+             "and Retry-After, which clients retry. \\[default: 4 x --max-running]"),
     persist: bool = typer.Option(False, "--persist",
                                  help="Save KV prefixes to the on-disk prefix cache and reuse them."),
     kv_budget_mb: int | None = typer.Option(
@@ -57,6 +61,8 @@ def serve_cmd(
         raise fail(f"--port must be 0..65535, not {port}")
     if max_running < 1:
         raise fail("--max-running must be at least 1")
+    if max_waiting is not None and max_waiting < 0:
+        raise fail("--max-waiting must be 0 or more")
     if kv_budget_mb is not None and kv_budget_mb < 0:
         raise fail("--kv-budget-mb must be 0 or more")
     from runtime.distributed import follower
@@ -90,7 +96,8 @@ def serve_cmd(
     except OSError as e:
         raise fail(f"cannot read {e.filename or weights}: {e.strerror or e}") from None
     context_limit = model.config.max_position_embeddings
-    engine = Engine(model, detokenize=tokenizer.decode, max_running=max_running, persist=persist,
+    engine = Engine(model, detokenize=tokenizer.decode, max_running=max_running,
+                    max_waiting=4 * max_running if max_waiting is None else max_waiting, persist=persist,
                     context_limit=context_limit,
                     budget_bytes=None if kv_budget_mb is None else kv_budget_mb << 20)
     name = model_name or weights.resolve().name

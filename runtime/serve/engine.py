@@ -68,6 +68,10 @@ class Finished:
 Event = PrefillProgress | Token | Finished
 
 
+class QueueFull(RuntimeError):
+    """The waiting queue is at `max_waiting`: the request was not queued (a server answers 429/529)."""
+
+
 class Handle:
     """One submitted request: its events, in order, then `Finished` exactly once."""
 
@@ -153,7 +157,8 @@ class Engine:
     """Serves `GenerationRequest`s on `model` (see the module docstring).
 
     `detokenize` turns ids into text for stop strings; `max_running` bounds the sequences
-    stepped together; `max_kept` the finished ones kept warm; `budget_bytes` the memory of
+    stepped together; `max_waiting` the requests queued beyond them (None: no bound; a submit
+    past it raises QueueFull and leaves the others as they are); `max_kept` the finished ones kept warm; `budget_bytes` the memory of
     running and kept sequences on the model's device (None: no byte limit; kept ones go first),
     `host_budget_bytes` that of those moved to host memory (default the same);
     `persist`/`cache_root` as for a Session; `context_limit` defaults to the model's maximum
@@ -162,12 +167,13 @@ class Engine:
     """
 
     def __init__(self, model: Model, *, detokenize: Callable[[list[int]], str] | None = None, max_running: int = 8,
-                 chunk_size: int = 512, max_kept: int = 64, budget_bytes: int | None = None,
+                 max_waiting: int | None = None, chunk_size: int = 512, max_kept: int = 64, budget_bytes: int | None = None,
                  host_budget_bytes: int | None = None, persist: bool = False, cache_root: str | Path | None = None,
                  context_limit: int | None = None, warn: Callable[[str], None] = lambda _: None) -> None:
-        if max_running < 1 or chunk_size < 1 or max_kept < 0:
-            raise ValueError("max_running and chunk_size must be at least 1, max_kept at least 0")
+        if max_running < 1 or chunk_size < 1 or max_kept < 0 or (max_waiting is not None and max_waiting < 0):
+            raise ValueError("max_running and chunk_size must be at least 1, max_kept and max_waiting at least 0")
         self.model, self.detokenize, self.max_running, self.chunk_size = model, detokenize, max_running, chunk_size
+        self.max_waiting = max_waiting
         self.max_kept, self.budget_bytes = max_kept, budget_bytes
         self.host_budget_bytes = host_budget_bytes if host_budget_bytes is not None else budget_bytes
         self.persist, self.cache_root, self.warn = persist, cache_root, warn
@@ -180,7 +186,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._totals = {"prompt_tokens": 0, "generated_tokens": 0, "cache_hit_tokens": 0, "evictions": 0,
-                        "requests": 0, "errors": 0}
+                        "requests": 0, "errors": 0, "rejected": 0}
+        self._running_peak = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
 
     # -- the public side (any thread) -----------------------------------------------------
@@ -205,13 +212,20 @@ class Engine:
             self._end(seq, "cancelled")
 
     def submit(self, request: GenerationRequest) -> Handle:
-        """Queue `request`; ValueError if it cannot be served (checked here, before queueing)."""
+        """Queue `request`; ValueError if it cannot be served (checked here, before queueing),
+        QueueFull if `max_waiting` requests already wait."""
         self._check(request)
         handle = Handle(self)
         seq = _Sequence(request, handle, min(request.max_tokens, self.context_limit - len(request.prompt)))
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closed")
+            # Free running slots count as room too: a request waits for the next step to take one.
+            if (self.max_waiting is not None
+                    and len(self._waiting) + len(self._running) >= self.max_running + self.max_waiting):
+                self._totals["rejected"] += 1
+                raise QueueFull(f"the server is busy: {len(self._running)} requests running and "
+                                f"{len(self._waiting)} waiting, the most it queues; retry later")
             self._waiting.append(seq)
             self._totals["requests"] += 1
             self._cond.notify_all()
@@ -221,8 +235,8 @@ class Engine:
         now = time.monotonic()
         with self._cond:
             recent = [(t, n) for t, n in self._recent if t >= now - RATE_WINDOW_S]
-            out = {"running": len(self._running), "waiting": len(self._waiting), "kept": len(self._kept),
-                   **self._totals}
+            out = {"running": len(self._running), "running_peak": self._running_peak, "waiting": len(self._waiting),
+                   "kept": len(self._kept), **self._totals}
         span = now - recent[0][0] if recent else 0.0
         out["tokens_per_s"] = round(sum(n for _, n in recent) / span, 3) if span > 0 else 0.0
         return out
@@ -345,11 +359,12 @@ class Engine:
 
     def _admit(self) -> None:
         while len(self._running) < self.max_running:
-            with self._cond:
+            with self._cond:  # moved under the lock: submit counts both to bound the queue
                 if not self._waiting:
                     return
                 seq = self._waiting.popleft()
-            self._running.append(seq)
+                self._running.append(seq)
+                self._running_peak = max(self._running_peak, len(self._running))
             try:
                 self._place(seq)
             except Exception as e:

@@ -9,7 +9,10 @@ Every request passes `_Gate`: with an API key set, no endpoint answers without i
 requests for /metrics and logs one line per request once the answer is complete (a stream
 included: then with its token counts). Errors are never tracebacks: a refused request gets a
 4xx, anything unexpected a 500, each with an OpenAI-shaped body — or Anthropic-shaped under
-/v1/messages — and the traceback goes to the log only. CORS is off unless origins are given.
+/v1/messages — and the traceback goes to the log only. A request that finds the engine's waiting
+queue full is refused as those APIs refuse an overloaded one (429 rate_limit_exceeded; Anthropic's
+529 overloaded_error), with Retry-After, so their SDKs back off and retry. CORS is off unless
+origins are given.
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runtime.serve import anthropic_api, openai_api, responses_api
 from runtime.serve.chat import ApiError, Result
+from runtime.serve.engine import QueueFull
 from runtime.serve.service import Generation, Service
 
 log = logging.getLogger("v4agent.serve")
 MAX_BODY_BYTES = 64 << 20  # a 1M-token conversation is ~4-10 MB of JSON
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+RETRY_AFTER_S = 1  # what a refused client is told to wait: a slot frees when any running answer ends
 
 
 def _anthropic(path: str) -> bool:
@@ -53,6 +58,20 @@ def _anthropic(path: str) -> bool:
 def error_response(error: ApiError, path: str) -> JSONResponse:
     body = anthropic_api.error_body(error) if _anthropic(path) else openai_api.error_body(error)
     return JSONResponse(body, status_code=error.status)
+
+
+def overloaded_response(message: str, path: str) -> JSONResponse:
+    """The queue is full: what OpenAI answers past a rate limit (429, code rate_limit_exceeded,
+    type "requests") or Anthropic when overloaded (529 overloaded_error); both SDKs retry these."""
+    if _anthropic(path):
+        body = anthropic_api.error_body(ApiError(529, message))
+        body["error"]["type"] = "overloaded_error"
+        status = 529
+    else:
+        body = openai_api.error_body(ApiError(429, message, "requests"))
+        body["error"]["code"] = "rate_limit_exceeded"
+        status = 429
+    return JSONResponse(body, status_code=status, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 class _Gate:
@@ -165,6 +184,8 @@ def create_app(service: Service, *, api_key: str | None = None, cors_origins: Se
                 return await handler(request, body)
             except ApiError as e:
                 return error_response(e, request.url.path)
+            except QueueFull as e:
+                return overloaded_response(str(e), request.url.path)
             except Exception:  # never a traceback to the client, never a dead worker
                 log.exception("%s failed", request.url.path)
                 return error_response(ApiError(500, "internal error (see the server log)", "server_error"),
