@@ -113,7 +113,8 @@ class PackedFile:
 
 @dataclass(frozen=True)
 class PackStats:
-    """Work done by one pack: files tokenized, outlined and term-indexed (cache misses), wall seconds."""
+    """Work done by one pack: contents tokenized, outlined and term-indexed (cache misses; files
+    with the same content count once), wall seconds."""
 
     tokenized: int
     outlined: int
@@ -135,7 +136,7 @@ class PackResult:
     secrets_included: bool
     stats: PackStats
     _store: TokenStore = field(repr=False)
-    _path_ids: dict[str, list[int]] = field(repr=False)
+    _path_ids: dict[str, Sequence[int]] = field(repr=False)
     _outlines: dict[str, tuple[str, str]] = field(repr=False)  # path -> (outline text, ids key)
     _markers: tuple[int, int, int, int] = field(repr=False)
     _tokenizer: PackTokenizer = field(repr=False)
@@ -526,6 +527,8 @@ def _outline_texts(contents: _Contents, outlined: Sequence[_Candidate], store: T
         if record is None:
             language = language_of(c.file.path)
             assert language is not None
+            if blob_id(contents.data(c.file.path)) != c.file.blob:
+                raise PackError(f"{c.file.path} changed while it was packed; pack again")
             ((record, count),) = _make_outlines(contents, [(c.file, language)], store, tokenizer, lambda done: None)
             if count != c.outline_content_tokens:
                 raise PackError(f"{c.file.path}: the token cache disagrees with itself; remove {store.directory} "

@@ -3,9 +3,10 @@ blob ids), so unchanged files are never tokenized twice.
 
 Layout: `<root>/pack/<namespace>/v2/<key[:2]>/<key>`. An entry is a 4-byte magic, a 16-byte
 checksum (SHA-256, truncated, over the namespace, the key and the payload), then the payload: ids as raw
-native uint32 (one array, or several: their count and lengths first), or UTF-8 JSON. An entry is used only when its checksum matches the key it is
-read under: a torn, truncated, edited or swapped entry is reported (a RuntimeWarning), removed,
-and counts as missing, so the caller rebuilds it. Writes go to a temporary file that is renamed
+native uint32 (one array, or several: their count and lengths first), or UTF-8 JSON. An entry is
+used only when its checksum matches the key it is read under: a torn, truncated, edited or
+swapped entry is reported (a RuntimeWarning), removed, and counts as missing, so the caller
+rebuilds it. Writes go to a temporary file that is renamed
 into place: a crash leaves either the old entry or the new one, never half of one.
 """
 
