@@ -114,12 +114,14 @@ class PackedFile:
 @dataclass(frozen=True)
 class PackStats:
     """Work done by one pack: contents tokenized, outlined and term-indexed (cache misses; files
-    with the same content count once), wall seconds."""
+    with the same content count once), wall seconds, cache entries looked up (not counting
+    those ids() reads)."""
 
     tokenized: int
     outlined: int
     seconds: float
     indexed: int = 0
+    entries_read: int = 0
 
 
 @dataclass
@@ -285,7 +287,7 @@ def pack_repository(path: Path, *, budget: int = DEFAULT_BUDGET, issue: str | No
     return PackResult(
         root=root, budget=budget, files=packed, skipped=sorted(skipped), secrets=sorted(secrets.items()),
         secrets_included=include_secrets,
-        stats=PackStats(tokenized, outlined, time.perf_counter() - start, indexed),
+        stats=PackStats(tokenized, outlined, time.perf_counter() - start, indexed, store.reads),
         _store=store, _path_ids=path_ids, _outlines=outlines,
         _markers=markers,  # type: ignore[arg-type]
         _tokenizer=tokenizer, ranking=ranking,

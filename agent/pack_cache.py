@@ -60,6 +60,7 @@ class TokenStore:
         self.warn = warn
         self._namespace = directory.name.encode()
         self._made: set[str] = set()
+        self.reads = 0  # entries looked up (found or not): what a warm pack costs, whatever the load
 
     def _path(self, key: str) -> str:
         # Plain strings: this runs for every file of a repository on every pack, and pathlib
@@ -75,6 +76,7 @@ class TokenStore:
         """The payload stored under `key` if its entry checks out; None when there is none. A bad
         entry is reported and removed."""
         path = self._path(key)
+        self.reads += 1
         try:
             with open(path, "rb") as f:
                 if os.fstat(f.fileno()).st_size > _HEAD + _MAX_PAYLOAD:

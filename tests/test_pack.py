@@ -335,8 +335,11 @@ def test_segments_give_the_pack_the_files_own_entries_give(tmp_path: Path, token
     root = make_repo(tmp_path / "r", files)
     issue = "handler_42 returns the wrong total for a request"
 
+    stats = []
+
     def pack(cache: str) -> tuple:
         result = pack_repository(root, budget=3000, issue=issue, tokenizer=tokenizer, cache_dir=tmp_path / cache)
+        stats.append(result.stats)
         return result.files, result.skipped, result.secrets, result.ids(), result.text()
 
     cold = pack("cache")
@@ -350,6 +353,7 @@ def test_segments_give_the_pack_the_files_own_entries_give(tmp_path: Path, token
     # then each file in the prompt: not five entries or so per file of the repository.
     in_prompt = sum(f.mode != "dropped" for f in cold[0])
     assert len(reads) <= 5 * SEGMENTS + 1 + 2 * in_prompt < 4 * len(files)
+    assert stats[-1].entries_read == len(reads) - in_prompt  # ids() reads one per file in the prompt
     for entry in segment_entries(tmp_path / "cache"):
         entry.unlink()
     assert pack("cache") == cold  # from the files' own entries, and the segments made again
