@@ -471,9 +471,15 @@ class Attention(nn.Module):
             queries = self.indexer.queries(x, cq, batch)
         attend = (kernels.attention.sparse_attention if kernels.enabled(x.device, "attention")
                   else Attention._attend_chunk)
-        # per sequence, on its own rows and history
-        outs = []
-        for i, ((lo, hi), st) in enumerate(zip(batch.spans(), states)):
+        # per sequence, on its own rows and history; the sequences that add one token each (decoders)
+        # attend together in one padded computation when there are several of them
+        spans = batch.spans()
+        together = [hi - lo == 1 for lo, hi in spans]
+        if sum(together) < 2 or kernels.enabled(x.device, "attention"):
+            together = [False] * len(spans)
+        outs: list[torch.Tensor | None] = []
+        decoders: list[tuple[int, torch.Tensor, Rows | None, torch.Tensor | None]] = []
+        for i, ((lo, hi), st) in enumerate(zip(spans, states)):
             # raw window: the W-1 newest vectors before these rows, then the rows themselves
             keys = torch.cat((st.window, kv[lo:hi]))
             st.window = keys[max(keys.shape[0] - (self.window - 1), 0):].clone()
@@ -482,8 +488,16 @@ class Attention(nn.Module):
                 self.compressor.feed(comp_kv[lo:hi], comp_gate[lo:hi], batch.starts[i], st.compressor)
             if self.kind == CSA:
                 picks = self.indexer(index_kv[lo:hi], index_gate[lo:hi], queries[i], positions[lo:hi], st.indexer)
-            outs.append(attend(self, q[lo:hi], positions[lo:hi], keys,
-                               st.compressor.entries if self.kind != SWA else None, picks))
+            entries = st.compressor.entries if self.kind != SWA else None
+            if together[i]:
+                decoders.append((lo, keys, entries, picks))
+                outs.append(None)
+            else:
+                outs.append(attend(self, q[lo:hi], positions[lo:hi], keys, entries, picks))
+        if decoders:
+            rows = [lo for lo, *_ in decoders]
+            done = iter(self._attend_decoders(q[rows], positions[rows], *zip(*(d[1:] for d in decoders))))
+            outs = [o if o is not None else next(done)[None] for o in outs]
         out = apply_rope(outs[0] if len(outs) == 1 else torch.cat(outs), positions, self.freqs, inverse=True)
         # grouped output projection: consecutive head groups, each to its own rank-R slice
         grouped = out.reshape(T, self.groups, -1)
@@ -507,6 +521,48 @@ class Attention(nn.Module):
                          None if picks is None else picks[s:s + ATTENTION_QUERY_BLOCK])
             for s in range(0, T, ATTENTION_QUERY_BLOCK)
         ])
+
+    def _attend_decoders(self, q: torch.Tensor, positions: torch.Tensor, keys: tuple[torch.Tensor, ...],
+                         rows: tuple[Rows | None, ...], picks: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+        """Attention outputs [B, H, D] of B sequences' one query each (q [B, H, D] at `positions`
+        [B]), as :meth:`_attend_chunk` computes them one by one (the same softmax over window,
+        entries and sink, to fp32 rounding), in one padded computation: each sequence's window
+        is left-padded to W rows and its entries (the indexer's picks, else every causal entry)
+        padded to the longest, the pads masked out. `keys[i]` [<= W, D] ends with the query's
+        own KV; `rows[i]` and `picks[i]` [1, k] as in :meth:`_attend_chunk`."""
+        W, scale = self.window, self.head_dim ** -0.5
+        B, H = q.shape[0], q.shape[1]
+        qf = q.float()
+        # pads: zero rows, masked by position (a pad row stands where position < 0)
+        window = torch.stack([F.pad(k.float(), (0, 0, W - k.shape[0], 0)) for k in keys])  # [B, W, D]
+        key_pos = positions[:, None] - (W - 1) + torch.arange(W, device=q.device)
+        logits = [torch.bmm(qf, window.transpose(1, 2)).masked_fill((key_pos < 0)[:, None, :], float("-inf"))]
+        chosen = None
+        if rows[0] is not None:  # every sequence of a layer has the same kind
+            picked, valid = [], []
+            for r, p, pos in zip(rows, picks, positions.tolist()):
+                comp = r.dense().float()
+                if p is None:  # HCA, or CSA while top-k keeps every causal entry
+                    picked.append(comp)
+                    valid.append(torch.arange(comp.shape[0], device=q.device) < (pos + 1) // self.ratio)
+                else:
+                    picked.append(comp[p[0].clamp(min=0)])
+                    valid.append(p[0] >= 0)
+            if max(v.shape[0] for v in valid):
+                chosen = torch.nn.utils.rnn.pad_sequence(picked, batch_first=True)  # [B, K, D]
+                hidden = ~torch.nn.utils.rnn.pad_sequence(valid, batch_first=True)
+                logits.append(torch.bmm(qf, chosen.transpose(1, 2)).masked_fill(hidden[:, None, :], float("-inf")))
+        scores = torch.cat(logits, dim=-1) * scale
+        sink = self.attn_sink.float()[None, :]
+        top = torch.maximum(scores.amax(dim=-1), sink)  # finite: the window holds the query itself
+        probs = torch.exp(scores - top[..., None])
+        denom = probs.sum(dim=-1) + torch.exp(sink - top)
+        if not self.exact:
+            probs = probs.to(torch.bfloat16).float()
+        out = torch.bmm(probs[..., :W], window)
+        if chosen is not None:
+            out = out + torch.bmm(probs[..., W:], chosen)
+        return (out / denom[..., None]).to(q.dtype)
 
     def _attend(self, q: torch.Tensor, positions: torch.Tensor, window_keys: torch.Tensor,
                 entries: torch.Tensor | None, picks: torch.Tensor | None) -> torch.Tensor:
@@ -623,12 +679,27 @@ class MoE(nn.Module):
         return self.reduce(routed(self, u, idx, g, self.shared_experts(u))).to(u.dtype)
 
     def _add_routed(self, u: torch.Tensor, idx: torch.Tensor, g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y [T, d] fp32 plus each token's routed experts `idx` [T, k] weighted by `g` (in place)."""
-        for e in idx.unique().tolist():
-            if e not in self.held:
-                continue
-            rows, slot = (idx == e).nonzero(as_tuple=True)
-            y.index_add_(0, rows, self.experts[e](u[rows], g[rows, slot]))
+        """y [T, d] fp32 plus each token's routed experts `idx` [T, k] weighted by `g` (in place).
+
+        The (token, expert) pairs are sorted by expert once, each held expert runs on its
+        contiguous slice, and one index_add_ (serial over its index on the CPU) adds the outputs
+        in that order: each row still gets its experts in ascending id order, as one
+        index_add_ per expert gave them, so the sums are the same bits with fewer operations
+        per expert (a batch of decoders calls ~10 experts per layer)."""
+        k = idx.shape[1]
+        flat = idx.flatten()
+        order = torch.argsort(flat, stable=True)
+        rows, weights = order // k, g.flatten()[order]
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        outs, picked, at = [], [], 0
+        for e, n in enumerate(counts):
+            if n and e in self.held:
+                outs.append(self.experts[e](u[rows[at:at + n]], weights[at:at + n]))
+                picked.append(rows[at:at + n])
+            at += n
+        if outs:
+            y.index_add_(0, torch.cat(picked) if len(picked) > 1 else picked[0],
+                         torch.cat(outs) if len(outs) > 1 else outs[0])
         return y
 
 
