@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from agent.pack_cache import cache_root
 from evals import atif
-from evals.agents import TOKEN_FIELDS, fix_argv, last_json_line
+from evals.agents import TOKEN_FIELDS, ModelAccess, fix_argv, last_json_line, names_backend
 from evals.container import Engine
 from evals.proc import EvalError, Finished, git, run
 from evals.ray_runner import run_on_ray
@@ -54,7 +54,6 @@ _GIT_IDENTITY = {"GIT_AUTHOR_NAME": "v4agent", "GIT_AUTHOR_EMAIL": "v4agent@inva
 _WORKDIR_NOTE = ("(You work in a copy of {workdir}: use paths relative to it. Your changes are applied to "
                  "{workdir} when you submit.)\n\n")
 TB_FIX_CMD = "v4agent fix --repo {repo} --issue-file {issue_file} --apply --json"
-BACKEND_FLAGS = ("--weights", "--endpoint", "--script")
 # terminal-bench 0.2's PytestParser: the statuses of the short test summary, and which pass
 _TB1_SUMMARY = re.compile(r"=+\s*short test summary info\s*=+", re.IGNORECASE)
 _TB1_PASSING = {"PASSED": True, "SKIPPED": True, "XFAIL": True, "FAILED": False, "XPASS": False, "ERROR": False}
@@ -303,6 +302,7 @@ class TbenchConfig:
     workers: int = 1
     v4_cmd: str | None = None
     ray: str | None = None  # --ray ADDRESS: run the tasks on a Ray cluster ("local": a private one)
+    access: ModelAccess | None = None  # the model eval was given (--endpoint, or its own server for --weights)
 
 
 def _limit(seconds: float | None) -> float:
@@ -327,19 +327,19 @@ def _oracle(task: Task, env: Environment, trial: Path) -> tuple[Finished, str, l
 
 
 def backend_access(template: str, environ: dict[str, str] | os._Environ[str] = os.environ,
-                   ) -> tuple[dict[str, str], list[Path]]:
+                   given: ModelAccess | None = None) -> tuple[dict[str, str], list[Path]]:
     """What `v4agent fix` needs from the host to reach its model inside the scratch root: this
     environment's v4agent settings (config file and V4AGENT_* merged, passed as V4AGENT_*
     variables) and API keys, and the files that name the model (weights, script), read-only.
     EvalError when no backend is configured at all: like `v4agent fix`, the run refuses to start
-    rather than score every task as a failure."""
+    rather than score every task as a failure. `given`: the model eval was given, and its key."""
     from agent.backends.http import API_KEY_VARIABLES
     from agent.settings import SettingsError, load_settings
 
     argv = shlex.split(template)
     named = [argv[i + 1] for i, word in enumerate(argv[:-1]) if word in ("--weights", "--script")]
     named += [word.split("=", 1)[1] for word in argv if word.startswith(("--weights=", "--script="))]
-    on_line = any(word.split("=", 1)[0] in BACKEND_FLAGS for word in argv)
+    on_line = names_backend(argv) or given is not None
     try:
         settings = load_settings(environ=environ)
     except SettingsError as e:
@@ -351,11 +351,13 @@ def backend_access(template: str, environ: dict[str, str] | os._Environ[str] = o
     values = {field.name: getattr(settings, field.name) for field in fields(settings)}
     variables = {f"V4AGENT_{name.upper()}": str(value) for name, value in values.items() if value is not None}
     variables.update({name: environ[name] for name in API_KEY_VARIABLES if environ.get(name)})
+    variables.update(given.env if given else {})
     files = [Path(p) for p in (*named, settings.weights, settings.script) if p]
     return variables, [p.resolve() for p in files if p.exists()]
 
 
-def _v4(task: Task, env: Environment, trial: Path, template: str | None) -> tuple[Finished, str, list[dict[str, Any]]]:
+def _v4(task: Task, env: Environment, trial: Path, template: str | None,
+        given: ModelAccess | None) -> tuple[Finished, str, list[dict[str, Any]]]:
     """v4agent fix --apply inside a scratch root, on the task's folder. `fix` is ours, and runs
     the model's commands in its own hardened sandbox; around it the scratch root shows the
     project's code, its venv, the v4agent cache and the backend's files, shares the network (a
@@ -364,7 +366,7 @@ def _v4(task: Task, env: Environment, trial: Path, template: str | None) -> tupl
     if not isinstance(env, SandboxEnv):
         raise Refused("the v4 agent runs in the host environment only (not yet inside containers)")
     template = template or TB_FIX_CMD
-    variables, backend_files = backend_access(template)
+    variables, backend_files = backend_access(template, given=given)
     # `fix` works on a git work tree: a throwaway one, unless the task's folder is a repository of
     # its own, which the verifier may look at and so must keep its history
     throwaway = not (env.app / ".git").exists()
@@ -375,6 +377,8 @@ def _v4(task: Task, env: Environment, trial: Path, template: str | None) -> tupl
             env={**os.environ, **_GIT_IDENTITY})
     (env.logs / "agent" / "instruction.md").write_text(_WORKDIR_NOTE.format(workdir=env.workdir) + task.instruction)
     argv = fix_argv(template, repo=env.workdir, issue_file="/logs/agent/instruction.md", instance_id=task.name)
+    if given is not None:  # its key is among the variables; the scratch root shares the network (127.0.0.1)
+        argv = given.argv(argv)
     cache = cache_root().resolve()
     cache.mkdir(parents=True, exist_ok=True)
     project = Path(__file__).resolve().parents[1]
@@ -465,7 +469,7 @@ def run_task(task: Task, cfg: TbenchConfig) -> dict[str, Any]:
         timings["setup_s"] = round(time.monotonic() - started, 2)
         started = time.monotonic()
         agent_run, command, messages = (_oracle(task, env, trial) if cfg.agent == "oracle"
-                                        else _v4(task, env, trial, cfg.v4_cmd))
+                                        else _v4(task, env, trial, cfg.v4_cmd, cfg.access))
         timings["agent_s"] = round(time.monotonic() - started, 2)
         reported = last_json_line(agent_run.output) if cfg.agent == "v4" else {}
         record.update(agent_exit=agent_run.code, agent_timed_out=agent_run.timed_out is not None,
@@ -495,7 +499,7 @@ def run_tasks(tasks: list[Task], cfg: TbenchConfig,
     """Every task, `cfg.workers` at a time; the summary (also in summary.json). With the v4
     agent, refuses to start when it has no model to talk to."""
     if cfg.agent == "v4":
-        backend_access(cfg.v4_cmd or TB_FIX_CMD)
+        backend_access(cfg.v4_cmd or TB_FIX_CMD, given=cfg.access)
     cfg.out.mkdir(parents=True, exist_ok=True)
     if cfg.ray:
         records = run_on_ray(tasks, lambda t: t.name, lambda t, out: run_task(t, replace(cfg, out=out)), cfg.out,

@@ -21,6 +21,22 @@ app = typer.Typer(help="Benchmarks: SWE-bench instances and Terminal-Bench tasks
 MINI = "mini"  # INSTANCES / TASKS_DIR alias for the bundled sets
 DATA = Path(__file__).parents[2] / "evals" / "data"
 RAY_HELP = "Run on a Ray cluster: its address (ray://host:10001, auto), or 'local' for a private one (docs/evals.md)."
+WEIGHTS_HELP = ("The v4 agent's model: start one `v4agent serve` on these weights for the whole run, which every "
+                "worker's fix talks to (on 127.0.0.1, with a key made for the run; stopped at the end).")
+ENDPOINT_HELP = "The v4 agent's model: an OpenAI-compatible API base every fix talks to (key in V4AGENT_API_KEY)."
+MODEL_HELP = "The model name --endpoint serves."
+
+
+def _weights(weights: Path | None) -> Path | None:
+    return weights.resolve() if weights else None
+
+
+def _announce(weights: Path | None, out: Path) -> None:
+    """That the run's own server is starting, and where it logs (stderr: --json keeps stdout for
+    the results); loading real weights takes minutes."""
+    if weights is not None:
+        typer.echo(f"starting `v4agent serve --weights {weights}` for the workers (log: {out / 'server.log'})",
+                   err=True)
 
 
 def _progress(label: str, total: int, as_json: bool) -> tuple[Any, Callable[[str, dict[str, Any]], None]]:
@@ -64,6 +80,9 @@ def swebench_cmd(
     timeout: float = typer.Option(1800, "--timeout", help="Seconds for one instance's test run (official: 1800)."),
     agent_timeout: float = typer.Option(3600, "--agent-timeout", help="Seconds for the v4 agent per instance."),
     v4_cmd: str | None = typer.Option(None, "--v4-cmd", help="Command template for the v4 agent (docs/evals.md)."),
+    weights: Path | None = typer.Option(None, "--weights", metavar="<dir>", help=WEIGHTS_HELP),
+    endpoint: str | None = typer.Option(None, "--endpoint", metavar="<url>", help=ENDPOINT_HELP),
+    model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
     container: bool = typer.Option(False, "--container", help="Grade in containers on images built here (podman or docker; docs/evals.md)."),
     official: bool = typer.Option(False, "--official", help="Also grade predictions.jsonl with the official harness."),
     report_official: bool = typer.Option(False, "--report-official",
@@ -77,7 +96,7 @@ def swebench_cmd(
     import subprocess
 
     from evals import swebench
-    from evals.agents import make_agent
+    from evals.agents import V4Agent, check_model_options, make_agent, model_access, template
     from evals.container import detect_engine, official_harness
     from evals.envs import SpecTable
     from evals.grader import Limits
@@ -98,6 +117,8 @@ def swebench_cmd(
             unknown = set(found) - {i.instance_id for i in (load_instances(path) if ids else selected)}
             if unknown:
                 raise EvalError(f"{predictions}: predictions for instances not in {path}: {', '.join(sorted(unknown))}")
+        check_model_options(agent, template(v4_cmd), weights=weights, endpoint=endpoint, model=model, ray=ray,
+                            predictions=found is not None)
         chosen = make_agent(agent, predictions=found, v4_cmd=v4_cmd, timeout=agent_timeout)
         engine = detect_engine() if container else None
         if container and engine is None:
@@ -106,9 +127,15 @@ def swebench_cmd(
                                  store=RepoStore(repo_source.resolve() if repo_source else None),
                                  specs=SpecTable(env_spec), limits=Limits(timeout), workers=workers,
                                  engine=engine, ray=ray, strict=strict, report_official=report_official)
-        bar, done = _progress("instances", len(selected), as_json)
-        with bar:
-            summary = swebench.run(selected, cfg, lambda inst, record: done(inst.instance_id, record))
+        _announce(weights, cfg.out)
+        with model_access(weights=_weights(weights), endpoint=endpoint, model=model, log=cfg.out / "server.log",
+                          max_running=workers) as access:
+            if access is not None:
+                assert isinstance(chosen, V4Agent)  # check_model_options: only the v4 agent is given a model
+                chosen.access = access
+            bar, done = _progress("instances", len(selected), as_json)
+            with bar:
+                summary = swebench.run(selected, cfg, lambda inst, record: done(inst.instance_id, record))
         if official:
             subprocess.run(official_harness(path, cfg.out / "predictions.jsonl", cfg.out.name, workers), check=False)
     except EvalError as e:
@@ -127,12 +154,16 @@ def tbench_cmd(
     workers: int = typer.Option(1, "--workers", min=1, help="Tasks in parallel."),
     out: Path | None = typer.Option(None, "--out", help="Output folder (default eval-runs/tbench-AGENT)."),
     v4_cmd: str | None = typer.Option(None, "--v4-cmd", help="Command template for the v4 agent (docs/evals.md)."),
+    weights: Path | None = typer.Option(None, "--weights", metavar="<dir>", help=WEIGHTS_HELP),
+    endpoint: str | None = typer.Option(None, "--endpoint", metavar="<url>", help=ENDPOINT_HELP),
+    model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
     container: bool = typer.Option(False, "--container", help="Build and use each task's image (docker or podman)."),
     ray: str | None = typer.Option(None, "--ray", help=RAY_HELP),
     as_json: bool = typer.Option(False, "--json", help="JSON lines; the last one is the summary."),
 ) -> None:
     """Run an agent on Terminal-Bench tasks, graded as Harbor (2.0) and terminal-bench (1.0) grade them."""
     from evals import tbench
+    from evals.agents import check_model_options, model_access
     from evals.container import detect_engine
     from evals.proc import EvalError
     from evals.report import read_report, task_table
@@ -142,15 +173,21 @@ def tbench_cmd(
     try:
         if agent not in ("v4", "oracle"):
             raise EvalError(f"unknown agent {agent!r} (v4, oracle)")
+        check_model_options(agent, v4_cmd or tbench.TB_FIX_CMD, weights=weights, endpoint=endpoint, model=model,
+                            ray=ray)
         selected = load_tasks(root, names.split(",") if names else None)
         engine = detect_engine() if container else None
         if container and engine is None:
             raise EvalError("--container: neither docker nor podman answers on this machine")
         cfg = tbench.TbenchConfig(out=(out or Path("eval-runs") / f"tbench-{agent}").resolve(), agent=agent,
                                   engine=engine, workers=workers, v4_cmd=v4_cmd, ray=ray)
-        bar, done = _progress("tasks", len(selected), as_json)
-        with bar:
-            summary = tbench.run_tasks(selected, cfg, lambda task, record: done(task.name, record))
+        _announce(weights, cfg.out)
+        with model_access(weights=_weights(weights), endpoint=endpoint, model=model, log=cfg.out / "server.log",
+                          max_running=workers) as access:
+            cfg.access = access
+            bar, done = _progress("tasks", len(selected), as_json)
+            with bar:
+                summary = tbench.run_tasks(selected, cfg, lambda task, record: done(task.name, record))
     except EvalError as e:
         raise fail(str(e)) from None
     records = {t.name: read_report(cfg.out / "tasks" / t.name / "result.json") or {} for t in selected}

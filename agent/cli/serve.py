@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -109,8 +110,11 @@ def serve_cmd(
     typer.echo(f"serving {name} on http://{shown}:{address[1]}/v1 (context {context_limit:,} tokens, "
                f"{'API key required' if api_key else 'no API key'})", err=True)
     engine.start()
+    # uvicorn stops on Ctrl-C or SIGTERM, then raises the signal again: that is the normal end. For
+    # SIGTERM too it must come back as KeyboardInterrupt, or its default action would end the
+    # process before the engine is closed.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        # uvicorn stops on Ctrl-C or SIGTERM, then raises the signal again: that is the normal end.
         uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")).run(
             sockets=[listener])
     except KeyboardInterrupt:
@@ -118,6 +122,10 @@ def serve_cmd(
     finally:
         engine.close()
     typer.echo("stopped", err=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _loopback(host: str) -> bool:
