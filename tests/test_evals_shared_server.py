@@ -144,3 +144,18 @@ def test_a_killed_eval_leaves_no_server(tiny: Path, tmp_path: Path):
     os.kill(process.pid, signal.SIGKILL)  # no finally runs: the server must go by itself
     process.communicate(timeout=60)
     assert gone(tiny)
+
+
+@pytest.mark.slow  # two Terminal-Bench tasks, each a real fix in its scratch root: 45-90 s on 2 busy cores
+def test_tbench_workers_reach_the_server_from_their_scratch_roots(tiny: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    template = "v4agent fix --repo {repo} --issue-file {issue_file} --apply --json --max-turns 2 --max-turn-tokens 4"
+    result = CliRunner().invoke(app, ["tbench", "mini", "--agent", "v4", "--weights", str(tiny), "--v4-cmd", template,
+                                      "--tasks", "count-words,fix-median", "--workers", "2", "--out", str(out),
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert (summary["total"], summary["errors"]) == (2, 0) and summary["tokens"]["prompt_tokens"] > 0, summary
+    metrics = _metrics((out / "server-metrics.txt").read_text())
+    assert metrics['v4agent_requests_total{path="/v1/chat/completions",status="200"}'] == 4  # 2 turns each
+    assert (out / "server.log").read_text().rstrip().endswith("stopped") and gone(tiny, within=5)

@@ -124,22 +124,31 @@ def test_a_full_queue_is_refused_in_each_apis_overload_shape(server):
 
 
 def test_the_sdks_and_the_agents_backend_retry_until_the_queue_drains(server):
+    import anthropic
     import openai
 
-    refused = server.metric('v4agent_requests_total{path="/v1/chat/completions",status="429"}')
+    def refused() -> float:
+        return (server.metric('v4agent_requests_total{path="/v1/chat/completions",status="429"}')
+                + server.metric('v4agent_requests_total{path="/v1/messages",status="529"}'))
+
+    before = refused()
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=8, timeout=120)
+    claude = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=8, timeout=120)
     # retries=0: a busy server does not use up the retries, only the deadline
     backend = HttpBackend(server.url + "/v1", MODEL, KEY, context_limit=LIMIT, timeout_s=120, retries=0)
     request = Request([{"role": "user", "content": "hi"}], [0, 1], 2, "none")
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(3) as pool:
         sdk = pool.submit(client.chat.completions.create, model=MODEL, messages=CHAT, max_tokens=2)
+        sdk2 = pool.submit(claude.messages.create, model=MODEL, max_tokens=2,
+                           messages=[{"role": "user", "content": "hi"}])
         ours = pool.submit(backend.complete, request, lambda event: None)
-        deadline = time.monotonic() + 30  # both have been refused at least once
-        while server.metric('v4agent_requests_total{path="/v1/chat/completions",status="429"}') < refused + 2:
+        deadline = time.monotonic() + 30  # all three have been refused at least once
+        while refused() < before + 3:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         server.drain()
         assert sdk.result(120).choices[0].finish_reason == "length"
+        assert sdk2.result(120).stop_reason == "max_tokens"
         completion = ours.result(120)
     assert completion.details["finish_reason"] == "length" and completion.details["attempts"] >= 2
 
