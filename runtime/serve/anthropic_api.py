@@ -2,8 +2,8 @@
 
 Request fields read: model, max_tokens (required), system (a string or text blocks), messages
 (user: text and tool_result blocks; assistant: thinking, redacted_thinking, text and tool_use
-blocks), tools (name, description, input_schema; server tools such as web search are left
-out), tool_choice (auto or none), thinking ({"type": "enabled"|"adaptive"} -> think-high, or
+blocks; system, mid-conversation: text, rendered as V4's developer turn), tools (name,
+description, input_schema; server tools such as web search are left out), tool_choice (auto or none), thinking ({"type": "enabled"|"adaptive"} -> think-high, or
 think-max with output_config.effort xhigh or max, or without an effort a budget_tokens of 32,768
 and more; "disabled" or absent -> non-think), stop_sequences, temperature, top_p, top_k, stream.
 Image and document blocks become "[Unsupported image]" text (V4 reads text only). Other fields
@@ -67,8 +67,14 @@ def _turn(raw: Any, where: str) -> list[Message]:
     if not isinstance(raw, Mapping):
         raise ApiError(400, f"{where} must be an object", param=where)
     role = get(raw, "role", str, where, required=True)
+    if role == "system":
+        # A mid-conversation system message (Claude Code sends one after the user's prompt, beta
+        # mid-conversation-system-2026-04-07). V4's system text has no tag of its own, so in
+        # mid-conversation it is V4's developer turn: instructions under a user tag, answered after.
+        text = text_content(raw.get("content"), f"{where}.content")
+        return [Message("developer", text)] if text else []
     if role not in ("user", "assistant"):
-        raise ApiError(400, f"{where}.role must be user or assistant, not {role!r}", param=f"{where}.role")
+        raise ApiError(400, f"{where}.role must be user, assistant or system, not {role!r}", param=f"{where}.role")
     content = raw.get("content")
     blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
     if not isinstance(blocks, list):

@@ -182,7 +182,7 @@ def prompt_ids(chat: Chat, encoder: PromptEncoder, effort_profile: str, calls: T
     """The prompt's token ids. Assistant turns whose tool calls `calls` remembers become the
     tokens sampled for them (see runtime.serve.toolcalls); the rest is rendered canonically.
     Raises ApiError (400) when the conversation cannot be rendered."""
-    if not chat.messages or chat.messages[-1].role not in ("user", "tool"):
+    if not chat.messages or chat.messages[-1].role not in ("user", "tool", "developer"):
         raise ApiError(400, "the conversation must end with a user message or a tool result: the answer comes "
                             "after it", param="messages")
     settings = PromptSettings(think=chat.think, effort_profile=effort_profile)

@@ -1,0 +1,100 @@
+"""The server against the requests real clients send: Claude Code, Codex CLI, opencode.
+
+The fixtures under tests/fixtures_serve/ are the shapes those clients were seen sending to
+`v4agent serve` (docs/serve.md, "Clients": versions and what was run), trimmed by hand: their
+fields, headers, roles and block types as sent, with short prompts and a few tools written
+for these tests instead of the clients' own 20K-token ones. Each is replayed over real HTTP on
+a tiny checkpoint, streamed as the client streams it, and must come back 200 with a well-formed
+stream; so CI checks the compatibility without node or the clients installed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from runtime.encoding import ASSISTANT, THINK_CLOSE, USER, PromptEncoder
+from runtime.serve import anthropic_api
+from runtime.serve.chat import prompt_ids
+from runtime.serve.toolcalls import ToolCallMap
+from runtime.tokenizer import load_tokenizer
+from tests.test_serve_http import MODEL
+
+FIXTURES = Path(__file__).parent / "fixtures_serve"
+KEY = "sk-clients-test"
+
+
+def test_a_mid_conversation_system_message_is_a_developer_turn_answered_after_it():
+    # Claude Code 2.1 puts a {"role": "system"} message after the user's prompt.
+    chat = anthropic_api.parse_request({
+        "model": "m", "max_tokens": 8, "system": "You fix bugs.",
+        "tools": [{"name": "Read", "input_schema": {"type": "object"}}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "say hi"}]},
+                     {"role": "system", "content": [{"type": "text", "text": "Agents available: Explore."}]},
+                     {"role": "system", "content": ""}]})
+    assert [(m.role, m.content) for m in chat.messages] == [
+        ("system", "You fix bugs."), ("user", "say hi"), ("developer", "Agents available: Explore.")]
+    tokenizer = load_tokenizer()
+    text = tokenizer.decode(prompt_ids(chat, PromptEncoder(tokenizer), "preview", ToolCallMap()))
+    assert text.endswith(f"{USER}say hi{USER}Agents available: Explore.{ASSISTANT}{THINK_CLOSE}")
+
+
+# ---- the clients' captured request shapes, replayed over HTTP ----------------------------------
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from runtime.checkpoint import make_tiny
+    from tests.test_serve_http import Running  # the server on a tiny checkpoint, under uvicorn
+
+    checkpoint = make_tiny(tmp_path_factory.mktemp("clients") / MODEL)  # the real vocabulary: clients' text
+    running = Running(checkpoint, load_tokenizer(checkpoint), api_key=KEY)
+    yield running
+    running.close()
+
+
+def replay(server, name: str, **fields) -> tuple[int, list[tuple[str, dict]]]:
+    """POST the fixture's body (with `fields` over it) and its headers, as its client does; the
+    status and the SSE events as (event name or "", data)."""
+    import httpx
+
+    fixture = json.loads((FIXTURES / name).read_text())
+    body = {**fixture["body"], "model": MODEL, **fields}
+    headers = {**fixture["headers"], "authorization": f"Bearer {KEY}"}
+    events, event = [], ""
+    with httpx.stream("POST", server.url + fixture["path"], json=body, headers=headers, timeout=120) as response:
+        if response.status_code != 200:
+            return response.status_code, [("", json.loads(response.read()))]
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and line != "data: [DONE]":
+                events.append((event, json.loads(line[6:])))
+                event = ""
+    return 200, events
+
+
+def test_claude_codes_first_request_streams_back(server):
+    # Its 32,000-token max_tokens would run the random model for minutes: 4 are enough here.
+    status, events = replay(server, "claude_code_messages.json", max_tokens=4)
+    assert status == 200, events
+    kinds = [name for name, _ in events if name != "ping"]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    assert all(data["type"] == name for name, data in events)
+    delta = next(data for name, data in events if name == "message_delta")
+    assert delta["delta"]["stop_reason"] in ("max_tokens", "end_turn") and delta["usage"]["output_tokens"] >= 1
+
+
+def test_codexs_first_request_streams_back(server):
+    # Codex sends no max_output_tokens (the server may then fill the context): 4 are enough here.
+    status, events = replay(server, "codex_responses.json", max_output_tokens=4)
+    assert status == 200, events
+    kinds = [data["type"] for _, data in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    final = events[-1][1]["response"]
+    added = [data["item"]["id"] for _, data in events if data["type"] == "response.output_item.added"]
+    assert [item["id"] for item in final["output"]] == added and final["usage"]["output_tokens"] >= 1
