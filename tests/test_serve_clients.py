@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.encoding import ASSISTANT, THINK_CLOSE, USER, PromptEncoder
-from runtime.serve import anthropic_api
-from runtime.serve.chat import prompt_ids
+from runtime.encoding import ASSISTANT, EOS, THINK_CLOSE, USER, PromptEncoder
+from runtime.serve import anthropic_api, openai_api
+from runtime.serve.chat import Assembler, Usage, prompt_ids
 from runtime.serve.toolcalls import ToolCallMap
 from runtime.tokenizer import load_tokenizer
 from tests.test_serve_http import MODEL
@@ -98,3 +98,20 @@ def test_codexs_first_request_streams_back(server):
     final = events[-1][1]["response"]
     added = [data["item"]["id"] for _, data in events if data["type"] == "response.output_item.added"]
     assert [item["id"] for item in final["output"]] == added and final["usage"]["output_tokens"] >= 1
+    # Codex shows reasoning_output_tokens from here: thinking (the default) starts with reasoning.
+    assert 1 <= final["usage"]["output_tokens_details"]["reasoning_tokens"] <= final["usage"]["output_tokens"]
+
+
+def test_reasoning_tokens_are_counted_up_to_the_think_close():
+    tokenizer = load_tokenizer()
+    reasoning = tokenizer.encode("Look at calc.py first." + THINK_CLOSE)
+    for thinking, answer, expected in ((True, reasoning + tokenizer.encode("Done." + EOS), len(reasoning)),
+                                       (True, reasoning[:3], 3),  # cut off while thinking
+                                       (False, tokenizer.encode("Done." + EOS), 0)):
+        assembler = Assembler(tokenizer, thinking, ToolCallMap())
+        for token in answer:
+            assembler.feed(token)
+        _, result = assembler.finish("stop", Usage(10, 0, len(answer)))
+        assert result.usage.reasoning_tokens == expected
+        body = openai_api.response_body(result, "m", 0)
+        assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": expected}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import secrets
 from array import array
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from runtime.dsml import (
@@ -257,6 +257,7 @@ class Usage:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int = 0  # of the completion tokens, those up to and including </think>
 
 
 @dataclass
@@ -293,7 +294,7 @@ class Assembler:
         self.thinking, self.stops = thinking, stops
         self._parser = DsmlParser(think=thinking, tokenizer=tokenizer)
         self._map, self._prefix = calls, id_prefix
-        self._eos = tokenizer.token_to_id(EOS)
+        self._eos, self._think_close = tokenizer.token_to_id(EOS), tokenizer.token_to_id(THINK_CLOSE)
         self.tokens: list[int] = []
         self._open: dict[int, _OpenCall] = {}
         self._done: list[Call] = []
@@ -312,6 +313,9 @@ class Assembler:
             self._map.remember([c.id for c in self._done], SampledTurn(
                 array("I", tokens), self.thinking, message.reasoning, message.content,
                 tuple((c.name, arguments_value(c.arguments)) for c in self._done)))
+        if self.thinking:
+            ends = self.tokens.index(self._think_close) + 1 if self._think_close in self.tokens else len(self.tokens)
+            usage = replace(usage, reasoning_tokens=min(ends, usage.completion_tokens))
         stop = None
         if reason == "stop" and self.tokens[-1:] != [self._eos]:
             # The engine stopped on a stop string: the token that completed it is the last one.

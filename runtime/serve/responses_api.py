@@ -157,7 +157,7 @@ class _Builder:
             u = result.usage
             out["usage"] = {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_tokens},
                             "output_tokens": u.completion_tokens,
-                            "output_tokens_details": {"reasoning_tokens": 0},
+                            "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
                             "total_tokens": u.prompt_tokens + u.completion_tokens}
             if result.finish == "length":
                 out["incomplete_details"] = {"reason": "max_output_tokens"}
