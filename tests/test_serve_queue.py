@@ -17,6 +17,7 @@ import pytest
 from agent.backends import BackendError, Request
 from agent.backends.http import HttpBackend
 from runtime.tokenizer import load_tokenizer
+from tests.test_agent_http import serve  # noqa: F401 - the fixture: a scripted HTTP server
 from tests.test_serve_http import CHAT, KEY, LIMIT, MODEL, Serving
 
 HEADERS = {"x-api-key": KEY}
@@ -178,3 +179,21 @@ def test_the_engine_refuses_past_running_plus_waiting_and_changes_nothing_else(t
     engine.submit(GenerationRequest([5, 6, 9], max_tokens=1))  # its slot is free again
     stats = engine.stats()
     assert (stats["rejected"], stats["requests"], stats["errors"]) == (2, 2, 0)
+
+
+def test_busy_answers_do_not_use_up_the_retries_but_a_spent_quota_fails_at_once(serve):  # noqa: F811
+    from tests.test_agent_http import backend, delta, error, finish, request, sse
+
+    answer = sse(delta(content="ok"), finish("stop"))
+    busy = [lambda b: error(503, "busy"), lambda b: error(529, "overloaded"),
+            lambda b: error(429, "slow down", {"Retry-After": "0"})] * 2
+    server = serve(*busy, lambda b: answer)
+    completion = backend(server.url, retries=1).complete(request(), lambda e: None)
+    assert completion.message.content == "ok" and completion.details["attempts"] == 7
+
+    quota = json.dumps({"error": {"message": "You exceeded your current quota", "type": "insufficient_quota",
+                                  "code": "insufficient_quota"}}).encode()
+    server = serve(lambda b: (429, {"Content-Type": "application/json"}, quota))
+    with pytest.raises(BackendError, match="HTTP 429 Too Many Requests: You exceeded your current quota"):
+        backend(server.url, retries=3, timeout_s=5).complete(request(), lambda e: None)
+    assert len(server.requests) == 1
