@@ -115,3 +115,18 @@ def test_reasoning_tokens_are_counted_up_to_the_think_close():
         assert result.usage.reasoning_tokens == expected
         body = openai_api.response_body(result, "m", 0)
         assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": expected}
+
+
+def test_consecutive_assistant_turns_are_one_turn():
+    # Claude Code sends two assistant messages in a row after its "no visible output" retry;
+    # Anthropic combines consecutive turns of a role, and V4 has one assistant tag per turn.
+    chat = anthropic_api.parse_request({"model": "m", "max_tokens": 8, "messages": [
+        {"role": "user", "content": "say hi"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "Greet.", "signature": ""},
+                                          {"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": " there."},
+                                          {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"}]}]})
+    assert [m.role for m in chat.messages] == ["user", "assistant", "tool"]
+    turn = chat.messages[1]
+    assert (turn.reasoning, turn.content, [c.name for c in turn.calls]) == ("Greet.", "Hi there.", ["Read"])

@@ -144,7 +144,17 @@ def parse_request(body: Mapping[str, Any]) -> Chat:
     system = body.get("system")
     messages = [Message("system", text_content(system, "system"))] if system else []
     for i, turn in enumerate(raw):
-        messages += _turn(turn, f"messages[{i}]")
+        for message in _turn(turn, f"messages[{i}]"):
+            last = messages[-1] if messages else None
+            if last is not None and message.role == last.role == "assistant":
+                # Consecutive assistant turns are one turn, as Anthropic combines them (Claude Code
+                # sends them after a retry); V4 would render the second without its tag.
+                last.content += message.content
+                last.reasoning = None if last.reasoning is message.reasoning is None else \
+                    (last.reasoning or "") + (message.reasoning or "")
+                last.calls += message.calls
+            else:
+                messages.append(message)
     offered = tool_choice(body.get("tool_choice"))
     tools = []
     for i, tool in enumerate(get(body, "tools", list, default=[])):
