@@ -130,3 +130,14 @@ def test_consecutive_assistant_turns_are_one_turn():
     assert [m.role for m in chat.messages] == ["user", "assistant", "tool"]
     turn = chat.messages[1]
     assert (turn.reasoning, turn.content, [c.name for c in turn.calls]) == ("Greet.", "Hi there.", ["Read"])
+
+
+def test_claude_codes_billing_header_stays_out_of_the_prompt():
+    # Its hash differs between conversations (seen: cc_version=2.1.197.123, then .fa0): kept at
+    # the top of the prompt, no new conversation could reuse the cached system prompt and tools.
+    fixture = json.loads((FIXTURES / "claude_code_messages.json").read_text())["body"]
+    chats = [anthropic_api.parse_request({**fixture, "system": [
+        {"type": "text", "text": f"x-anthropic-billing-header: cc_version=2.1.197.{suffix}; cc_entrypoint=sdk-cli;"},
+        *fixture["system"][1:]]}) for suffix in ("123", "fa0")]
+    assert chats[0].messages[0].content == chats[1].messages[0].content
+    assert chats[0].messages[0].content.startswith("You are an agent for software engineering tasks.")

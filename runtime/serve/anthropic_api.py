@@ -45,6 +45,7 @@ from runtime.serve.toolcalls import new_call_id
 
 ID_PREFIX = "toolu_"
 MAX_BUDGET = 32768  # a thinking budget_tokens from here on asks for think-max
+BILLING_HEADER = "x-anthropic-billing-header:"
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error"}
 
@@ -142,6 +143,12 @@ def parse_request(body: Mapping[str, Any]) -> Chat:
     if not raw:
         raise ApiError(400, "messages must not be empty", param="messages")
     system = body.get("system")
+    if isinstance(system, list):
+        # Claude Code's first system block is a billing header whose hash changes with each new
+        # conversation: it is for Anthropic, not the model, and at the top of the prompt it
+        # would keep one conversation from reusing another's ~19K-token prefix.
+        system = [b for b in system if not (isinstance(b, Mapping) and isinstance(b.get("text"), str)
+                                            and b["text"].startswith(BILLING_HEADER))]
     messages = [Message("system", text_content(system, "system"))] if system else []
     for i, turn in enumerate(raw):
         for message in _turn(turn, f"messages[{i}]"):
