@@ -3,7 +3,9 @@
 `run` confines a command with tools.sandbox's sandbox, the one the agent's `run` tool uses: no
 capability even when started by root (an unprivileged uid, no_new_privs, seccomp), no network
 (loopback only), the host's system directories read-only, a private /tmp, and nothing of the
-host writable but the work tree. What the harness adds is where things appear: the work tree at
+host writable but the work tree, and (where cgroups can be used: tools.cgroups) the memory and
+processes of everything the command starts bounded together, and whatever it leaves behind
+killed when it ends. What the harness adds is where things appear: the work tree at
 the path a benchmark expects (`/testbed`, `/app`), where the command starts, and more binds
 (inputs read-only at `/eval.sh`, `/tmp/patch.diff`, `/tests`...). Started by root, the work tree
 and every writable bind are handed to the sandbox's uid first (tools.sandbox.adopt).
@@ -18,11 +20,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from evals.proc import EvalError, Finished
 from evals.proc import run as run_process
-from tools import sandbox
+from tools import cgroups, sandbox
 from tools.sandbox import Bind, interpreter_dirs
 from tools.shell import scrubbed_env
 
@@ -53,15 +56,27 @@ def run(work: Bind, argv: Sequence[str], *, env: dict[str, str], timeout: float,
         if bind.writable:
             sandbox.adopt(bind.source, UID)
     try:
-        command = sandbox.command(work.source, argv, env, limits=limits, uid=UID, extra=read_only, at=work.target,
-                                  binds=binds, writable_git=writable_git)
-    except sandbox.SandboxUnavailable as e:
-        raise EvalError(str(e)) from None
+        group = cgroups.create(limits.memory_mb << 20, limits.processes)
+    except cgroups.CgroupError:  # the per-process rlimits still hold
+        group = None
     try:
-        return run_process(command.argv, cwd=work.source, env=command.env, timeout=timeout, log=log,
-                           pass_fds=command.pass_fds)
+        try:
+            command = sandbox.command(work.source, argv, env, limits=limits, uid=UID, extra=read_only,
+                                      at=work.target, binds=binds, writable_git=writable_git, group=group)
+        except sandbox.SandboxUnavailable as e:
+            raise EvalError(str(e)) from None
+        try:
+            done = run_process(command.argv, cwd=work.source, env=command.env, timeout=timeout, log=log,
+                               pass_fds=command.pass_fds)
+        finally:
+            command.close()
     finally:
-        command.close()
+        refused = group.close() if group is not None else cgroups.Refused()
+    if refused.oom_kills or refused.forks:
+        note = (f"[v4agent: the sandbox's limits refused this command: {refused.oom_kills} process(es) killed "
+                f"over {limits.memory_mb} MB, {refused.forks} fork(s) over {limits.processes} processes]")
+        done = replace(done, output=f"{done.output}\n{note}\n")
+    return done
 
 
 def scratch_argv(binds: Iterable[Bind], workdir: str, *, network: bool = False,

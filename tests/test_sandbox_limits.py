@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import cgroups
+from tools import cgroups, sandbox
 from tools.base import Settings
 from tools.registry import call
 
@@ -169,3 +169,30 @@ def test_the_disk_cap_cannot_be_dodged(root: Path):
     assert not result.ok and result.output.startswith("[killed: it wrote "), result.output
     assert "all written" not in result.output
     subprocess.run(["rm", "-rf", str(root / "d")], check=True)  # too deep for pytest's own clean-up
+
+
+def test_the_eval_graders_sandbox_bounds_all_processes_together(tmp_path: Path):
+    """evals/sandbox.py (the SWE-bench grader's and Terminal-Bench's sandbox) puts each command in
+    a cgroup too: four processes of 100 MB, each under its own rlimit, are over 256 MB together;
+    a process the command leaves behind is killed when it ends."""
+    from evals.sandbox import Bind, run
+
+    work = tmp_path / "testbed"
+    work.mkdir()
+    hog = ("for i in 1 2 3 4; do python3 -c 'import time; b = b\"x\" * (100 << 20); time.sleep(4)' & done; wait; "
+           "(sleep 300; echo late > left.txt) & echo finished")
+    limits = sandbox.Limits(memory_mb=256)
+    done = run(Bind(work, "/testbed"), ["bash", "-c", hog], env={}, timeout=60, limits=limits)
+    assert "finished" in done.output
+    if cgroups.mechanism() == "rlimits":
+        pytest.skip(cgroups.unavailable_reason() or "no cgroups")
+    assert re.search(r"\[v4agent: the sandbox's limits refused this command: [1-4] process\(es\) killed over "
+                     r"256 MB, 0 fork\(s\)", done.output), done.output
+    assert not any("sleep 300" in _cmdline(p) for p in Path("/proc").glob("[0-9]*"))
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
