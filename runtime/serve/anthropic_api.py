@@ -1,8 +1,9 @@
 """Anthropic Messages (`POST /v1/messages`), what Claude Code speaks.
 
-Request fields read: model, max_tokens (required), system (a string or text blocks), messages
-(user: text and tool_result blocks; assistant: thinking, redacted_thinking, text and tool_use
-blocks; system, mid-conversation: text, rendered as V4's developer turn), tools (name,
+Request fields read: model, max_tokens (required), system (a string or text blocks, less
+Claude Code's billing header), messages (user: text and tool_result blocks; assistant:
+thinking, redacted_thinking, text and tool_use blocks, consecutive ones merged into one turn;
+system, mid-conversation: text, rendered as V4's developer turn), tools (name,
 description, input_schema; server tools such as web search are left out), tool_choice (auto or
 none), thinking ({"type": "enabled"|"adaptive"} -> think-high, or think-max with
 output_config.effort xhigh or max, or without an effort a budget_tokens of 32,768 and more;
