@@ -16,6 +16,7 @@ from agent.pack import pack_repository
 from agent.rank import COEFFICIENTS, FEATURES, Corpus, is_source, rank
 from agent.rank_budget import DROPPED, FULL, OUTLINED, Option, choose
 from agent.rank_history import read_history
+from agent import rank_terms
 from agent.rank_terms import TermIndex, term_counts, word_terms
 from runtime.tokenizer import load_tokenizer
 
@@ -36,6 +37,16 @@ def scores_by_path(issue: str, corpus: Corpus) -> dict[str, float]:
 
 def feature(issue: str, corpus: Corpus, path: str, name: str) -> float:
     return float(rank(issue, corpus).features[list(corpus.paths).index(path), FEATURES.index(name)])
+
+
+def test_term_memos_stay_bounded(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(rank_terms, "MEMO_SIZE", 100)
+    memo = word_terms.__self__  # type: ignore[attr-defined]
+    memo.clear()
+    for i in range(250):
+        assert word_terms(f"bulkCreate{i}") == (f"bulkcreate{i}", "bulk", "create")
+    assert 0 < len(memo) <= 100
+    memo.clear()
 
 
 def test_terms_split_identifiers_and_keep_hyphenated_names():
