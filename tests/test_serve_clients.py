@@ -141,3 +141,19 @@ def test_claude_codes_billing_header_stays_out_of_the_prompt():
         *fixture["system"][1:]]}) for suffix in ("123", "fa0")]
     assert chats[0].messages[0].content == chats[1].messages[0].content
     assert chats[0].messages[0].content.startswith("You are an agent for software engineering tasks.")
+
+
+def test_codexs_namespace_tools_are_offered_and_their_calls_name_the_namespace():
+    from runtime.serve import responses_api
+    from runtime.serve.chat import Call, Result
+
+    body = {**json.loads((FIXTURES / "codex_responses.json").read_text())["body"], "model": "m"}
+    chat = responses_api.parse_request(body)
+    assert [t["name"] for t in chat.tools] == ["exec_command", "get_goal", "multi_agent_v1.close_agent"]
+    calls = [Call("call_1", "multi_agent_v1.close_agent", '{"target": "a1"}'), Call("call_2", "get_goal", "{}")]
+    output = responses_api.response_body(Result("", "", calls, "tool_calls", Usage()), chat, body)["output"]
+    assert [(i["name"], i.get("namespace")) for i in output] == [("close_agent", "multi_agent_v1"), ("get_goal", None)]
+    # Codex sends the items back as they came: the model's turn renders with the names it wrote.
+    history = {**body, "input": [*body["input"], *output,
+                                 {"type": "function_call_output", "call_id": "call_1", "output": "closed"}]}
+    assert [c.name for c in responses_api.parse_request(history).messages[-2].calls] == [c.name for c in calls]

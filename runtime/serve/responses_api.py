@@ -2,15 +2,16 @@
 
 Request fields read: model, instructions, input (a string, or items: messages of role user,
 system, developer or assistant with text parts; function_call; function_call_output;
-reasoning with reasoning_text content or summary_text), tools (function tools; tools of other
-types are left out: V4 cannot call them), tool_choice (auto or none), reasoning.effort
+reasoning with reasoning_text content or summary_text), tools (function tools, and the
+functions of namespace tools, named NAMESPACE.NAME for the model; tools of other types are left
+out: V4 cannot call them), tool_choice (auto or none), reasoning.effort
 (none/minimal -> non-think, low/medium/high -> high, xhigh -> max; absent -> high),
 max_output_tokens, temperature, top_p, stream. Nothing is stored: previous_response_id is
 refused, `store` is ignored. Consecutive reasoning, assistant message and function_call items
 form one assistant turn.
 
 The answer's output items, in order: reasoning (its text as reasoning_text content), message
-(output_text), function_call (call_id, name, arguments). Streaming sends response.created,
+(output_text), function_call (call_id, name, arguments, and namespace for a namespace's). Streaming sends response.created,
 response.in_progress, then per item response.output_item.added, its deltas
 (response.reasoning_text.delta, response.output_text.delta with content_part added/done,
 response.function_call_arguments.delta) and .done events, response.output_item.done, and
@@ -90,8 +91,9 @@ def _items(raw: Any) -> list[Message]:
             turn.reasoning = text
         elif kind == "function_call":
             arguments = get(item, "arguments", str, where, "{}")
+            name, namespace = get(item, "name", str, where, required=True), get(item, "namespace", str, where)
             assistant().calls.append(Call(get(item, "call_id", str, where, required=True),
-                                          get(item, "name", str, where, required=True), arguments))
+                                          f"{namespace}.{name}" if namespace else name, arguments))
         elif kind == "function_call_output":
             output = item.get("output")
             content = output if isinstance(output, str) else text_content(output, f"{where}.output", _TEXT_PARTS)
@@ -99,6 +101,24 @@ def _items(raw: Any) -> list[Message]:
         else:
             raise ApiError(400, f"{where}: items of type {kind!r} are not supported", param=where)
     return out
+
+
+def _functions(body: Mapping[str, Any]) -> Iterator[tuple[str, str | None, Mapping[str, Any], str]]:
+    """The function tools offered, as (the name the model sees, the namespace, the tool, where):
+    a namespace's functions (Codex groups its sub-agent and MCP tools so) are named
+    "NAMESPACE.NAME" for the model, and their calls go out as `name` plus `namespace`."""
+    for i, tool in enumerate(get(body, "tools", list, default=[])):
+        where = f"tools[{i}]"
+        if not isinstance(tool, Mapping):
+            raise ApiError(400, f"{where} must be an object", param=where)
+        if tool.get("type") == "function":
+            yield tool.get("name"), None, tool, where
+        elif tool.get("type") == "namespace":
+            namespace = get(tool, "name", str, where, required=True)
+            for j, inner in enumerate(get(tool, "tools", list, where, [])):
+                at = f"{where}.tools[{j}]"
+                if isinstance(inner, Mapping) and inner.get("type") == "function":
+                    yield f"{namespace}.{get(inner, 'name', str, at, required=True)}", namespace, inner, at
 
 
 def parse_request(body: Mapping[str, Any]) -> Chat:
@@ -113,13 +133,8 @@ def parse_request(body: Mapping[str, Any]) -> Chat:
     if body.get("input") is None:
         raise ApiError(400, "input is required", param="input")
     messages += _items(body["input"])
-    tools = []
-    for i, tool in enumerate(get(body, "tools", list, default=[])):
-        where = f"tools[{i}]"
-        if not isinstance(tool, Mapping):
-            raise ApiError(400, f"{where} must be an object", param=where)
-        if tool.get("type") == "function":
-            tools.append(function_tool(tool.get("name"), tool.get("description"), tool.get("parameters"), where))
+    tools = [function_tool(name, tool.get("description"), tool.get("parameters"), where)
+             for name, _, tool, where in _functions(body)]
     effort = get(get(body, "reasoning", dict, default={}), "effort", str, "reasoning")
     return Chat(model=get(body, "model", str, required=True), messages=messages,
                 tools=tools if tool_choice(body.get("tool_choice")) else [],
@@ -136,6 +151,7 @@ class _Builder:
     def __init__(self, chat: Chat, body: Mapping[str, Any]) -> None:
         self.id = new_call_id("resp_")
         self.chat, self.body = chat, body
+        self.namespaces = {name: namespace for name, namespace, _, _ in _functions(body) if namespace}
         self.items: list[dict[str, Any]] = []
         self.open: dict[str, Any] | None = None
         self.created = now()
@@ -209,8 +225,11 @@ class _Builder:
             self.open["content"][0]["text"] += event.text
             yield "response.output_text.delta", {**ref(), "content_index": 0, "delta": event.text, "logprobs": []}
         elif isinstance(event, CallStarted):
-            yield from self._add({"type": "function_call", "id": new_call_id("fc_"), "call_id": event.id,
-                                  "name": event.name, "arguments": "", "status": "in_progress"})
+            namespace = self.namespaces.get(event.name)
+            name = {"name": event.name[len(namespace) + 1:], "namespace": namespace} if namespace else \
+                {"name": event.name}
+            yield from self._add({"type": "function_call", "id": new_call_id("fc_"), "call_id": event.id, **name,
+                                  "arguments": "", "status": "in_progress"})
         elif isinstance(event, CallArguments) and self.open is not None and self.open.get("call_id") is not None:
             self.open["arguments"] += event.delta
             yield "response.function_call_arguments.delta", {**ref(), "delta": event.delta}
