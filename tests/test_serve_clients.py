@@ -157,3 +157,12 @@ def test_codexs_namespace_tools_are_offered_and_their_calls_name_the_namespace()
     history = {**body, "input": [*body["input"], *output,
                                  {"type": "function_call_output", "call_id": "call_1", "output": "closed"}]}
     assert [c.name for c in responses_api.parse_request(history).messages[-2].calls] == [c.name for c in calls]
+
+
+def test_opencodes_first_request_streams_back(server):
+    status, events = replay(server, "opencode_chat.json", max_tokens=4)
+    assert status == 200, events
+    chunks = [data for _, data in events]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("length", "stop")
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
