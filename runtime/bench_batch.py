@@ -1,9 +1,13 @@
-"""What batching decoders buys: aggregate decode tokens/s of 8 sequences in one forward over 1.
+"""What batching decoders buys: aggregate decode tokens/s of 8 sequences together over 1 alone.
 
 `Model.extend_batch` runs the per-token work of every sequence (projections, router and
 experts, shared expert, head) as one GEMM over their rows, so a step reads the weights
-once for all of them; each sequence's attention still runs on its own history. On a CPU a
-1-token step is bound by reading the weights, so that is where a batch gets its throughput.
+once for all of them; the decoders' attention runs in one padded computation over their
+own histories. On a CPU a 1-token step is bound by reading the weights, so that is where
+a batch gets its throughput. :func:`decode_throughput` measures it two ways on the same
+prompts, alternated run by run: through the serving engine (`throughput_8_over_1`, what
+`v4agent bench serve` reports) and the model alone (`model_throughput_8_over_1`: one
+`extend_batch` per step, no engine), so the engine's own cost per step shows as their gap.
 
 The model (random weights, exact precision, fp32, on the CPU) is wide enough that the
 weight reads dominate a decode step: hidden 1024, 4 layers (SWA, CSA, HCA, CSA at the
@@ -12,7 +16,7 @@ output groups of rank 256, 4 indexer heads of 64, 16 routed experts of width 512
 active plus the shared one, one hash-routed layer, vocabulary 16,384: a token reads 48.6M
 weights (194 MB in fp32; the head is 16.8M of them) of the model's 153M (MTP block aside).
 How much of the routed experts a batch shares depends on how many of them its tokens pick:
-8 tokens choosing 2 of 16 use ~10.5 distinct experts, so the routed experts batch ~1.5x
+8 tokens choosing 2 of 16 use ~10.4 distinct experts, so the routed experts batch ~1.5x
 here, the rest of the weights 8x. (Flash's 6 of 256 would share almost no expert
 between 8 tokens: there the gain comes from attention projections, shared expert and head.)
 """
@@ -25,8 +29,8 @@ import time
 import torch
 
 from runtime.config import CSA, HCA, SWA, ModelConfig, tiny_config
-from runtime.loader import load
 from runtime.model import Model, SequenceState
+from runtime.serve.engine import Engine, GenerationRequest, Token
 
 
 def bench_batch_config() -> ModelConfig:
@@ -39,40 +43,60 @@ def bench_batch_config() -> ModelConfig:
     )
 
 
-def _decode(model: Model, states: list[SequenceState], first: list[int], steps: int) -> float:
-    """Seconds for `steps` greedy steps of every sequence together, one token each per step."""
+def _model_rate(model: Model, states: list[SequenceState], first: list[int], steps: int) -> float:
+    """Aggregate tokens/s of `steps` greedy steps of every sequence together, one token each per step."""
     tokens = [torch.tensor([t]) for t in first]
     start = time.perf_counter()
     for _ in range(steps):
         outs = model.extend_batch(states, tokens)
         tokens = [o.logits[0].argmax().reshape(1) for o in outs]
-    return time.perf_counter() - start
+    return len(states) * steps / (time.perf_counter() - start)
 
 
-def bench_batch(batch: int = 8, context: int = 256, steps: int = 8, runs: int = 7, seed: int = 0,
-                model: Model | None = None) -> dict:
-    """Aggregate decode tokens/s with `batch` sequences decoding together against one alone.
+def _engine_rate(engine: Engine, prompts: list[list[int]], steps: int) -> float:
+    """Aggregate tokens/s of `prompts` decoding together through `engine` (their prefills, and
+    each first token, not timed); the engine is stepped here, so no thread scheduling enters."""
+    handles = [engine.submit(GenerationRequest(p, steps + 1)) for p in prompts]
+    started = [False] * len(handles)
+    while not all(started):
+        engine.step()
+        started = [s or any(isinstance(e, Token) for e in h.ready()) for s, h in zip(started, handles)]
+    start, tokens = time.perf_counter(), 0
+    while not all(h.finished for h in handles):
+        engine.step()
+        tokens += sum(isinstance(e, Token) for h in handles for e in h.ready())
+    return tokens / (time.perf_counter() - start)
 
-    Each sequence first prefills `context` random tokens (not timed); every run then decodes
-    `steps` tokens from copies of those states, one alone and `batch` together, alternated run
-    by run (short runs, many of them: the load of a shared machine drifts within seconds) so
-    that the machine's noise falls on both; the medians are reported.
-    """
-    if model is None:
-        model = load(bench_batch_config(), precision="exact", seed=seed)
+
+def decode_throughput(model: Model, batch: int = 8, context: int = 256, steps: int = 16, runs: int = 5,
+                      seed: int = 0) -> dict:
+    """Aggregate decode tokens/s of `batch` sequences decoding together over one alone, after
+    `context`-token random prompts, through the engine and through the model alone.
+
+    Every run measures the four rates (engine and model, 1 and `batch` sequences) one after
+    the other, run after run, so that the drifting load of a shared machine falls on all of
+    them; the figures are medians over `runs` (short runs, several of them)."""
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(2, vocab, (context,), generator=generator) for _ in range(batch)]
+    prompts = [torch.randint(2, vocab, (context,), generator=generator).tolist() for _ in range(batch)]
+    engine = Engine(model, chunk_size=max(context, 1), max_running=batch)
     states = [model.new_state() for _ in range(batch)]
-    first = [int(out.logits[0].argmax()) for out in model.extend_batch(states, prompts)]
-    _decode(model, [s.copy() for s in states], first, 1)  # warm-up: allocator, thread pool
-    alone, together = [], []
+    first = [int(out.logits[0].argmax()) for out in model.extend_batch(states, [torch.tensor(p) for p in prompts])]
+    # warm-up: allocator, thread pool, the engine's kept prefixes
+    _engine_rate(engine, prompts, 1)
+    _model_rate(model, [s.copy() for s in states], first, 1)
+    rates: dict[str, list[float]] = {"engine_1": [], "engine_n": [], "model_1": [], "model_n": []}
     for _ in range(runs):
-        alone.append(steps / _decode(model, [states[0].copy()], first[:1], steps))
-        together.append(batch * steps / _decode(model, [s.copy() for s in states], first, steps))
-    one, many = statistics.median(alone), statistics.median(together)
+        rates["engine_1"].append(_engine_rate(engine, prompts[:1], steps))
+        rates["engine_n"].append(_engine_rate(engine, prompts, steps))
+        rates["model_1"].append(_model_rate(model, [states[0].copy()], first[:1], steps))
+        rates["model_n"].append(_model_rate(model, [s.copy() for s in states], first, steps))
+    med = {k: statistics.median(v) for k, v in rates.items()}
     return {
         "batch": batch, "context": context, "steps": steps, "runs": runs, "threads": torch.get_num_threads(),
-        "decode_tokens_per_s_1": round(one, 2), f"decode_tokens_per_s_{batch}": round(many, 2),
-        f"throughput_{batch}_over_1": round(many / one, 3),
+        "decode_tokens_per_s_1": round(med["engine_1"], 2), f"decode_tokens_per_s_{batch}": round(med["engine_n"], 2),
+        f"throughput_{batch}_over_1": round(med["engine_n"] / med["engine_1"], 3),
+        "model_decode_tokens_per_s_1": round(med["model_1"], 2),
+        f"model_decode_tokens_per_s_{batch}": round(med["model_n"], 2),
+        f"model_throughput_{batch}_over_1": round(med["model_n"] / med["model_1"], 3),
     }

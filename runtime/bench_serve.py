@@ -7,7 +7,9 @@ decode step is bound by reading the weights, as on a real model, and small enoug
 another, so every time is a step's end and no thread scheduling enters the figures.
 
 * `throughput_8_over_1`: aggregate decode tokens/s of 8 requests decoding together over 1
-  (256-token prompts, 16 tokens timed; 3 runs of each, alternated, medians).
+  (256-token prompts, 16 tokens timed; medians of 5 alternated runs), and beside it
+  `model_throughput_8_over_1`, the same through `Model.extend_batch` alone, measured in the
+  same runs by the same function (runtime.bench_batch.decode_throughput).
 * `followup_ttft_warm_over_cold`: time to the first token of a follow-up turn (16K prompt,
   its answer, 256 new tokens) on the engine that served the first turn, over the same prompt
   on an engine that holds nothing.
@@ -25,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from runtime.bench_batch import bench_batch_config
+from runtime.bench_batch import bench_batch_config, decode_throughput
 from runtime.loader import load
 from runtime.serve.engine import Engine, Finished, GenerationRequest, Handle, Token
 
@@ -60,19 +62,7 @@ def _run_out(engine: Engine, handles: list[Handle]) -> list[list[int]]:
     return out
 
 
-def _decode_rate(engine: Engine, prompts: list[list[int]], steps: int) -> float:
-    """Aggregate tokens/s of `prompts` decoding together (their prefills not timed)."""
-    handles = [engine.submit(GenerationRequest(p, steps + 1)) for p in prompts]
-    started = [False] * len(handles)
-    while not all(started):
-        engine.step()  # prefills, up to every request's first token
-        started = [s or any(isinstance(e, Token) for e in h.ready()) for s, h in zip(started, handles)]
-    start = time.perf_counter()
-    tokens = sum(len(t) for t in _run_out(engine, handles))
-    return tokens / (time.perf_counter() - start)
-
-
-def bench_serve(context: int = 16384, decoders: int = 4, batch: int = 8, chunk_size: int = 512, runs: int = 3,
+def bench_serve(context: int = 16384, decoders: int = 4, batch: int = 8, chunk_size: int = 512,
                 progress: Callable[[str], None] = lambda _: None) -> dict:
     config = bench_batch_config()
     model = load(config, precision="exact")
@@ -84,17 +74,11 @@ def bench_serve(context: int = 16384, decoders: int = 4, batch: int = 8, chunk_s
     result: dict = {"config": "runtime/bench_batch.py's model (see runtime/bench_serve.py)", "precision": "exact",
                     "threads": torch.get_num_threads(), "chunk_size": chunk_size, "context": context}
 
-    progress(f"decode: 1 request, then {batch} together")
-    engine = Engine(model, chunk_size=chunk_size, max_running=batch)
-    short = [prompt(256) for _ in range(batch)]
-    _decode_rate(engine, short[:1], 8)  # warm-up: allocator, thread pool
-    alone, together = [], []
-    for _ in range(runs):  # alternated, so that the machine's noise falls on both; medians
-        alone.append(_decode_rate(engine, short[:1], 16))
-        together.append(_decode_rate(engine, short, 16))
-    one, many = statistics.median(alone), statistics.median(together)
-    result["decode_tokens_per_s_1"], result[f"decode_tokens_per_s_{batch}"] = round(one, 2), round(many, 2)
-    result[f"throughput_{batch}_over_1"] = round(many / one, 3)
+    progress(f"decode: 1 request, then {batch} together, through the engine and the model alone")
+    decode = decode_throughput(model, batch)
+    for key in ("context", "steps", "runs"):  # the short prompts' own, beside the long prompt's context
+        result[f"decode_{key}"] = decode.pop(key)
+    result.update({k: v for k, v in decode.items() if k not in ("batch", "threads")})
 
     progress(f"first turn: a {context}-token prompt")
     first = GenerationRequest(prompt(context), 16)

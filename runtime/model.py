@@ -531,7 +531,6 @@ class Attention(nn.Module):
         padded to the longest, the pads masked out. `keys[i]` [<= W, D] ends with the query's
         own KV; `rows[i]` and `picks[i]` [1, k] as in :meth:`_attend_chunk`."""
         W, scale = self.window, self.head_dim ** -0.5
-        B, H = q.shape[0], q.shape[1]
         qf = q.float()
         # pads: zero rows, masked by position (a pad row stands where position < 0)
         window = torch.stack([F.pad(k.float(), (0, 0, W - k.shape[0], 0)) for k in keys])  # [B, W, D]
