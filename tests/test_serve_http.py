@@ -701,7 +701,11 @@ def serve_command(*args: str):
 
 
 def test_v4agent_serve_starts_on_loopback_and_stops_on_ctrl_c(tiny, monkeypatch: pytest.MonkeyPatch):
+    """... and a generation still streaming when the signal comes ends at once: the server does
+    not wait for it to run out (it would take minutes here)."""
     import signal
+    import subprocess
+    import threading
 
     monkeypatch.setenv("V4AGENT_API_KEY", "sk-from-env")
     process = serve_command("--weights", str(tiny), "--port", "0", "--device", "cpu", "--precision", "exact",
@@ -720,10 +724,28 @@ def test_v4agent_serve_starts_on_loopback_and_stops_on_ctrl_c(tiny, monkeypatch:
         assert httpx.post(url + "/chat/completions", json=chat, headers=key, timeout=60).status_code == 200
         metrics = httpx.get(url.removesuffix("/v1") + "/metrics", headers=key, timeout=30).text
         assert "v4agent_engine_evictions 1" in metrics, metrics  # no room to keep the conversation
+        streaming, lines = threading.Event(), []
+
+        def stream() -> None:
+            long = {**chat, "max_tokens": 1_000_000, "stream": True, "temperature": 1.0}
+            with httpx.stream("POST", url + "/chat/completions", json=long, headers=key, timeout=60) as answer:
+                for line in answer.iter_lines():
+                    lines.append(line)
+                    streaming.set()
+
+        reader = threading.Thread(target=stream, daemon=True)
+        reader.start()
+        assert streaming.wait(60)
     finally:
         process.send_signal(signal.SIGINT)
-        process.communicate(timeout=30)
+        try:
+            process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
     assert process.returncode == 0
+    reader.join(10)
+    assert not reader.is_alive() and "data: [DONE]" in lines[-3:], lines[-3:]
 
 
 @pytest.mark.parametrize("args, message", [

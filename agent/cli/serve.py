@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
 import signal
@@ -15,6 +16,8 @@ import typer
 from agent.cli.common import fail
 
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+# what a connection that does not take its last bytes (a client that stopped reading) gets at shutdown
+SHUTDOWN_GRACE_S = 10.0
 
 
 def serve_cmd(
@@ -109,14 +112,24 @@ def serve_cmd(
     shown = f"[{address[0]}]" if ":" in address[0] else address[0]
     typer.echo(f"serving {name} on http://{shown}:{address[1]}/v1 (context {context_limit:,} tokens, "
                f"{'API key required' if api_key else 'no API key'})", err=True)
+    class Server(uvicorn.Server):
+        """uvicorn's server, whose shutdown also ends the generations in flight. uvicorn stops
+        taking connections and waits for the open ones, and a stream's stays open until its
+        generation ends, which could take as long as max_tokens allows."""
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            closing = asyncio.get_running_loop().run_in_executor(None, engine.close)
+            await super().shutdown(sockets)
+            await closing
+
     engine.start()
     # uvicorn stops on Ctrl-C or SIGTERM, then raises the signal again: that is the normal end. For
     # SIGTERM too it must come back as KeyboardInterrupt, or its default action would end the
     # process before the engine is closed.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")).run(
-            sockets=[listener])
+        Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                              timeout_graceful_shutdown=SHUTDOWN_GRACE_S)).run(sockets=[listener])
     except KeyboardInterrupt:
         pass
     finally:
