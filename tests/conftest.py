@@ -42,6 +42,16 @@ def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory):
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_v4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`v4agent model make-tiny`'s checkpoint (the real V4 vocabulary, so text tokenizes as it
+    would on the released model), written once per session at `.../tiny-v4` (its name is the
+    model name a server gives it). Shared: tests read it and never write into it."""
+    from runtime.checkpoint import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("shared") / "tiny-v4")
+
+
 def tokens(n: int, seed: int = 0) -> list[int]:
     """`n` random token ids of the tiny vocabulary (ids 0 and 1 are special), by `seed`."""
     return torch.randint(2, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()

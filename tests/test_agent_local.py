@@ -14,15 +14,14 @@ from agent.backends.local import LocalBackend
 from agent.loop import MAX_TURNS, Agent, AgentConfig
 from agent.pack import pack_repository
 from agent.trajectory import Trajectory
-from runtime.checkpoint import make_tiny
 from runtime.session import SamplingParams
 from runtime.tokenizer import load_tokenizer
 from tests.fixtures_agent import isolate, make_repo
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny(tmp_path_factory.mktemp("tiny-v4") / "checkpoint")
+def tiny_checkpoint(tiny_v4: Path) -> Path:
+    return tiny_v4
 
 
 def test_turns_through_the_runtime_session(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

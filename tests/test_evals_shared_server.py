@@ -28,10 +28,8 @@ TEMPLATE = ("v4agent fix --repo {repo} --issue-file {issue_file} --patch-out {pa
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from runtime.checkpoint import make_tiny
-
-    return make_tiny(tmp_path_factory.mktemp("shared") / "tiny-v4")
+def tiny(tiny_v4: Path) -> Path:
+    return tiny_v4
 
 
 def servers(weights: Path) -> list[int]:

@@ -44,12 +44,13 @@ def test_a_mid_conversation_system_message_is_a_developer_turn_answered_after_it
 # ---- the clients' captured request shapes, replayed over HTTP ----------------------------------
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from runtime.checkpoint import make_tiny
-    from tests.test_serve_http import Running  # the server on a tiny checkpoint, under uvicorn
+def server(tiny_v4):
+    from tests.test_serve_http import (
+        Running,  # the server on a tiny checkpoint, under uvicorn
+    )
 
-    checkpoint = make_tiny(tmp_path_factory.mktemp("clients") / MODEL)  # the real vocabulary: clients' text
-    running = Running(checkpoint, load_tokenizer(checkpoint), api_key=KEY)
+    assert tiny_v4.name == MODEL
+    running = Running(tiny_v4, load_tokenizer(tiny_v4), api_key=KEY)
     yield running
     running.close()
 

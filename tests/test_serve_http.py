@@ -406,10 +406,8 @@ class Running(Serving):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from runtime.checkpoint import make_tiny
-
-    return make_tiny(tmp_path_factory.mktemp("serve") / "tiny-v4")
+def tiny(tiny_v4):
+    return tiny_v4
 
 
 @pytest.fixture(scope="module")

@@ -57,12 +57,10 @@ class Queued(Serving):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_v4):
     from runtime import load
-    from runtime.checkpoint import make_tiny
 
-    path = make_tiny(tmp_path_factory.mktemp("queue") / "tiny-v4")
-    return load(path), load_tokenizer(path)
+    return load(tiny_v4), load_tokenizer(tiny_v4)
 
 
 @pytest.fixture
