@@ -6,8 +6,18 @@ import os
 import warnings
 from pathlib import Path
 
+# One torch thread, here and in every process a test starts (they inherit the environment): on
+# 2 cores, OpenMP's threads spin-wait for each other, and when anything else runs beside them
+# (the engine's thread next to an HTTP client, a server subprocess, another job on the machine)
+# the tiny models' steps got 10-15x slower (test_parity and test_exactness: 735 s at a load of
+# 3.5 with 2 threads, 82 s with one). Thread counts change only summation order, which every
+# comparison here already tolerates or pins (see tests/test_kernels.py's one_thread).
+os.environ["OMP_NUM_THREADS"] = "1"
+
 import pytest
-import torch
+import torch  # after OMP_NUM_THREADS, which torch reads when it loads
+
+torch.set_num_threads(1)
 
 from runtime.checkpoint import random_weights, write_checkpoint
 from runtime.config import CSA, HCA, SWA, ModelConfig, tiny_config
