@@ -943,14 +943,17 @@ class Model(nn.Module):
                 raise ValueError(f"each sequence's ids must be a non-empty 1-d tensor, got shape {tuple(t.shape)}")
 
     def mtp_logits(self, state: SequenceState, streams: torch.Tensor, next_ids: torch.Tensor,
-                   start: int) -> torch.Tensor:
+                   start: int, *, logits: bool = True) -> torch.Tensor | None:
         """Draft logits [T, V] for positions start+2.. from main streams at start.. and tokens start+1..
-        (a batch of one)."""
-        return self.mtp_logits_batch([state], [streams], [next_ids], [start])[0]
+        (a batch of one). `logits=False` only advances the MTP block's state and returns None: a
+        session keeps that window current at every step, and the head (the widest GEMM) would
+        compute logits nobody reads."""
+        return self.mtp_logits_batch([state], [streams], [next_ids], [start], logits=logits)[0]
 
     @torch.inference_mode()
     def mtp_logits_batch(self, states: list[SequenceState], streams: list[torch.Tensor],
-                         next_ids: list[torch.Tensor], starts: list[int]) -> list[torch.Tensor]:
+                         next_ids: list[torch.Tensor], starts: list[int], *,
+                         logits: bool = True) -> list[torch.Tensor | None]:
         """:meth:`mtp_logits` for several sequences in one forward of the MTP block."""
         self._check_batch(states, next_ids)
         for st, rows, nxt, start in zip(states, streams, next_ids, starts, strict=True):
@@ -963,6 +966,8 @@ class Model(nn.Module):
         hidden = self.mtp[0](X, self.embed_tokens(batch.ids), batch, [st.mtp[0] for st in states])
         for st, n in zip(states, batch.lengths()):
             st.mtp_position += n
+        if not logits:
+            return [None] * len(states)
         return list(self.logits(hidden).split(batch.lengths()))
 
     @torch.inference_mode()

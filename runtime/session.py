@@ -156,7 +156,7 @@ class Session:
         else:  # the previous chunk's last position gets its next token only now
             rows, nxt = torch.cat((self._streams, streams[:-1])), ids
         if rows.shape[0]:
-            self.model.mtp_logits(self.state, rows, torch.tensor(nxt), start=self.state.mtp_position)
+            self.model.mtp_logits(self.state, rows, torch.tensor(nxt), start=self.state.mtp_position, logits=False)
 
     # -- snapshots, rewind, fork ----------------------------------------------------------
 
@@ -363,7 +363,8 @@ class Decoding:
                 self._redo = ids[0]
                 return []
             s.spec.accepted += 1
-            s.model.mtp_logits(s.state, out.streams[:1], torch.tensor(ids[1:]), start=s.state.mtp_position)
+            s.model.mtp_logits(s.state, out.streams[:1], torch.tensor(ids[1:]), start=s.state.mtp_position,
+                               logits=False)
             s.tokens.extend(ids)
             s._logits, s._streams = out.logits[1], out.streams[-1:]
         else:

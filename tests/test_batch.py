@@ -297,3 +297,38 @@ def test_decode_throughput_reports_engine_and_model_ratios(exact):
         one, many = report[f"{prefix}decode_tokens_per_s_1"], report[f"{prefix}decode_tokens_per_s_2"]
         assert one > 0 and many > 0
         assert report[f"{prefix}throughput_2_over_1"] == pytest.approx(many / one, rel=0.01)
+
+
+def test_session_feeds_the_mtp_block_without_the_head(exact):
+    """A session keeps the MTP window current at every step; the draft logits of that feed are
+    never read, so it skips the head (the widest GEMM, once per sequence and step in the
+    engine): the head's weight is read once per decode step, and the MTP state comes out
+    bit-identical to a feed that computes the logits."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from runtime.session import Session
+
+    vocab, head = exact.config.vocab_size, exact.head.weight.data_ptr()
+
+    class HeadProducts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if str(func.overloadpacket) == "aten.linear" and args[1].data_ptr() == head:
+                HeadProducts.count += 1
+            return out
+
+    prompt = tokens(12, seed=80)
+    session = Session(exact)
+    session.extend(prompt)
+    with HeadProducts():
+        session.extend([int(session.last_logits.argmax())])
+    assert HeadProducts.count == 1
+    a, b = exact.new_state(), exact.new_state()
+    for st in (a, b):
+        out = exact.extend(st, torch.tensor(prompt), return_streams=True)
+    got = exact.mtp_logits(a, out.streams[:-1], torch.tensor(prompt[1:]), start=0, logits=False)
+    want = exact.mtp_logits(b, out.streams[:-1], torch.tensor(prompt[1:]), start=0)
+    assert got is None and want.shape == (len(prompt) - 1, vocab)
+    assert_states_close(a, b, tol=None)

@@ -154,13 +154,16 @@ def test_speculative_state_after_forced_acceptance(exact, monkeypatch) -> None:
     def forced_session() -> Session:
         spec = Session(exact)
         spec.extend(prompt)
-        future = iter(expected[1:] + [0] * 10)
 
-        def oracle_draft(state, streams, next_ids, start):
-            logits = original(state, streams, next_ids, start)
+        def oracle_draft(state, streams, next_ids, start, **kwargs):
+            logits = original(state, streams, next_ids, start, **kwargs)
+            if logits is None:  # the session only feeding the MTP block's window
+                return None
             if next_ids.numel() == 1 and start == state.mtp_position - 1 and len(spec.tokens) >= len(prompt):
+                # a draft for position start + 2: the token plain decoding chose there
+                at = start + 2 - len(prompt)
                 forced = torch.full_like(logits, -1e9)
-                forced[0, next(future)] = 0
+                forced[0, expected[at] if at < len(expected) else 0] = 0
                 return forced
             return logits
 

@@ -118,15 +118,16 @@ class Leader:
         return out
 
     def mtp_logits(self, state: SequenceState, streams: torch.Tensor, next_ids: torch.Tensor,
-                   start: int) -> torch.Tensor:
-        return self.mtp_logits_batch([state], [streams], [next_ids], [start])[0]
+                   start: int, *, logits: bool = True) -> torch.Tensor | None:
+        return self.mtp_logits_batch([state], [streams], [next_ids], [start], logits=logits)[0]
 
     def mtp_logits_batch(self, states: list[SequenceState], streams: list[torch.Tensor],
-                         next_ids: list[torch.Tensor], starts: list[int]) -> list[torch.Tensor]:
+                         next_ids: list[torch.Tensor], starts: list[int], *,
+                         logits: bool = True) -> list[torch.Tensor | None]:
         refs = [self._ref(st) for st in states]
         self._announce("mtp_logits_batch", refs, [s.cpu() for s in streams], [t.cpu() for t in next_ids],
-                       list(starts))
-        out = self.model.mtp_logits_batch(states, streams, next_ids, starts)
+                       list(starts), logits)
+        out = self.model.mtp_logits_batch(states, streams, next_ids, starts, logits=logits)
         for st in states:
             self._number(_mtp_key(st))
         return out
@@ -194,9 +195,10 @@ def follow(model: ShardedModel) -> int:
                 for st in states:
                     number(st, True, False)
             elif op == "mtp_logits_batch":
-                refs, streams, next_ids, starts = args
+                refs, streams, next_ids, starts, logits = args
                 states = [find(ref) for ref in refs]
-                model.mtp_logits_batch(states, [s.to(model.device) for s in streams], next_ids, starts)
+                model.mtp_logits_batch(states, [s.to(model.device) for s in streams], next_ids, starts,
+                                       logits=logits)
                 for st in states:
                     number(st, False, True)
             elif op == "forward":
