@@ -141,13 +141,14 @@ class Session:
         return self.model.extend(self.state, torch.tensor(ids, dtype=torch.long), logits=logits,
                                  return_streams=bool(self.model.mtp))
 
-    def _apply(self, ids: list[int], out: ExtendOutput) -> None:
-        """Take the output of the forward of `ids` (run on `self.state`) into the session."""
-        self._feed_mtp(out.streams, ids)
+    def _apply(self, ids: list[int], out: ExtendOutput, feeds: MtpFeeds | None = None) -> None:
+        """Take the output of the forward of `ids` (run on `self.state`) into the session (its
+        MTP feed into `feeds` when given, else run now)."""
+        self._feed_mtp(out.streams, ids, feeds)
         self.tokens.extend(ids)
         self._logits, self._streams = out.logits[-1], (out.streams[-1:] if out.streams is not None else None)
 
-    def _feed_mtp(self, streams: torch.Tensor | None, ids: list[int]) -> None:
+    def _feed_mtp(self, streams: torch.Tensor | None, ids: list[int], feeds: MtpFeeds | None = None) -> None:
         """Keep the MTP block's window current: position t needs token t+1, so it lags by one."""
         if streams is None:
             return
@@ -156,7 +157,7 @@ class Session:
         else:  # the previous chunk's last position gets its next token only now
             rows, nxt = torch.cat((self._streams, streams[:-1])), ids
         if rows.shape[0]:
-            self.model.mtp_logits(self.state, rows, torch.tensor(nxt), start=self.state.mtp_position, logits=False)
+            _feed(self.model, self.state, rows, nxt, feeds)
 
     # -- snapshots, rewind, fork ----------------------------------------------------------
 
@@ -352,9 +353,11 @@ class Decoding:
             self._ids = [token]
         return self._ids
 
-    def finish(self, out: ExtendOutput) -> list[int]:
+    def finish(self, out: ExtendOutput, feeds: MtpFeeds | None = None) -> list[int]:
         """Take the forward's output; returns the tokens now part of the session (none when a
-        draft was rejected: its token is recomputed alone by the next step)."""
+        draft was rejected: its token is recomputed alone by the next step). With `feeds`, the
+        MTP block's feed (at most one) is put there for the caller to run (`run_feeds`) before
+        anything else uses the session, else it runs now."""
         s, ids = self.session, self._ids
         if len(ids) == 2:
             s.spec.drafted += 1
@@ -363,15 +366,36 @@ class Decoding:
                 self._redo = ids[0]
                 return []
             s.spec.accepted += 1
-            s.model.mtp_logits(s.state, out.streams[:1], torch.tensor(ids[1:]), start=s.state.mtp_position,
-                               logits=False)
+            _feed(s.model, s.state, out.streams[:1], ids[1:], feeds)
             s.tokens.extend(ids)
             s._logits, s._streams = out.logits[1], out.streams[-1:]
         else:
-            s._apply(ids, out)
+            s._apply(ids, out, feeds)
         self.produced += ids
         self.finished = len(self.produced) >= self.max_tokens or self.ends(self.produced)
         return ids
+
+
+# MTP feeds waiting to run: (state, main-stream rows, the tokens that follow them)
+MtpFeeds = list[tuple[SequenceState, torch.Tensor, list[int]]]
+
+
+def _feed(model: Model, state: SequenceState, rows: torch.Tensor, nxt: list[int], feeds: MtpFeeds | None) -> None:
+    """Advance `state`'s MTP block over `rows` (no logits: nothing reads them), now or, with
+    `feeds`, when the caller runs them."""
+    if feeds is None:
+        model.mtp_logits(state, rows, torch.tensor(nxt), start=state.mtp_position, logits=False)
+    else:
+        feeds.append((state, rows, nxt))
+
+
+def run_feeds(model: Model, feeds: MtpFeeds) -> None:
+    """The MTP feeds of several sequences in one forward of the block (the serving engine's
+    decoders, whose feeds would otherwise run one by one after their batched step)."""
+    if feeds:
+        model.mtp_logits_batch([st for st, _, _ in feeds], [rows for _, rows, _ in feeds],
+                               [torch.tensor(nxt) for _, _, nxt in feeds], [st.mtp_position for st, _, _ in feeds],
+                               logits=False)
 
 
 def check_decoding(model: Model, sampling: SamplingParams, speculative: bool, stop_strings: Sequence[str],

@@ -332,3 +332,26 @@ def test_session_feeds_the_mtp_block_without_the_head(exact):
     want = exact.mtp_logits(b, out.streams[:-1], torch.tensor(prompt[1:]), start=0)
     assert got is None and want.shape == (len(prompt) - 1, vocab)
     assert_states_close(a, b, tol=None)
+
+
+def test_the_engines_decoders_feed_the_mtp_block_together(exact, monkeypatch):
+    """After a step of several decoders, the engine runs their MTP feeds (which keep each
+    window current for speculation) as one forward of the block, not one per sequence: per
+    sequence, the feed was a quarter of an 8-decoder step (docs/runtime.md)."""
+    from runtime.serve.engine import Engine, GenerationRequest, Token
+
+    engine = Engine(exact, max_running=4)
+    handles = [engine.submit(GenerationRequest(tokens(n, seed=90 + n), 50)) for n in (5, 11, 17, 23)]
+    started = [False] * 4
+    while not all(started):  # the prefills, one chunk per step, up to every first token
+        engine.step()
+        started = [s or any(isinstance(e, Token) for e in h.ready()) for s, h in zip(started, handles)]
+    block, calls = exact.mtp[0], []
+    forward = block.forward
+    monkeypatch.setattr(block, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    for _ in range(3):
+        engine.step()
+    assert len(calls) == 3
+    for h in handles:
+        h.cancel()
+    engine.step()

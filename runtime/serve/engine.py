@@ -30,7 +30,7 @@ import torch
 
 from runtime.model import ExtendOutput, Model
 from runtime.prefix_cache import PrefixCache
-from runtime.session import Decoding, Prefill, SamplingParams, Session, check_decoding, state_bytes
+from runtime.session import Decoding, MtpFeeds, Prefill, SamplingParams, Session, check_decoding, run_feeds, state_bytes
 
 RATE_WINDOW_S = 10.0  # tokens_per_s in stats() is measured over this many recent seconds
 
@@ -300,23 +300,35 @@ class Engine:
         if not work:
             return bool(self._running)
         outs = self._forward([(seq.session, ids, mode) for seq, ids, mode in work])
-        generated = 0
-        for (seq, ids, _), out in zip(work, outs):
+        # The decoders take their outputs first; their MTP feeds then run as one batch, before
+        # anything (a finished sequence kept or saved, a snapshot) reads their states.
+        feeds: MtpFeeds = []
+        fed: list[_Sequence] = []
+        taken: list[tuple[_Sequence, list[int]]] = []
+        for (seq, _, _), out in zip(work, outs):
             try:
                 if isinstance(out, Exception):
                     raise out
                 if seq.prefill is not None:
                     self._prefilled(seq, out)
                 else:
-                    new = seq.decoding.finish(out)
-                    generated += len(new)
-                    for t in new:
-                        seq.handle._push(Token(t))
-                    if seq.decoding.finished:
-                        produced = seq.decoding.produced
-                        self._finish(seq, "stop" if produced and seq.decoding.ends(produced) else "length")
+                    before = len(feeds)
+                    taken.append((seq, seq.decoding.finish(out, feeds)))
+                    fed += [seq] * (len(feeds) - before)
             except Exception as e:
                 self._finish(seq, "error", e)
+        failed = self._run_feeds(feeds, fed)
+        generated = 0
+        for seq, new in taken:
+            if seq in failed:
+                self._finish(seq, "error", failed[seq])
+                continue
+            generated += len(new)
+            for t in new:
+                seq.handle._push(Token(t))
+            if seq.decoding.finished:
+                produced = seq.decoding.produced
+                self._finish(seq, "stop" if produced and seq.decoding.ends(produced) else "length")
         with self._cond:
             self._totals["generated_tokens"] += generated
             now = time.monotonic()
@@ -342,6 +354,15 @@ class Engine:
         for session, state in zip(sessions, before):
             session.state = state
         return [out for item in work for out in self._forward([item])]
+
+    def _run_feeds(self, feeds: MtpFeeds, owners: list[_Sequence]) -> dict[_Sequence, Exception]:
+        """Run the decoders' MTP feeds in one forward. When it fails, every sequence in it ends
+        with the error: a failed forward may have advanced some of their states part way."""
+        try:
+            run_feeds(self.model, feeds)
+        except Exception as e:
+            return dict.fromkeys(owners, e)
+        return {}
 
     def _prefilled(self, seq: _Sequence, out: ExtendOutput) -> None:
         seq.prefill.finish(out)
