@@ -522,6 +522,19 @@ class Attention(nn.Module):
             for s in range(0, T, ATTENTION_QUERY_BLOCK)
         ])
 
+    def _softmax_with_sink(self, logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unnormalised probabilities [.., H, K] over the score blocks `logits` (window, entries)
+        and their denominators [.., H] counting the head's sink; in reference mode the
+        probabilities are rounded to bf16 before P·V, as the reference does."""
+        scores = torch.cat(logits, dim=-1) * self.head_dim ** -0.5
+        sink = self.attn_sink.float()[None, :]
+        top = torch.maximum(scores.amax(dim=-1), sink)  # finite: the window holds the query itself
+        probs = torch.exp(scores - top[..., None])
+        denom = probs.sum(dim=-1) + torch.exp(sink - top)
+        if not self.exact:
+            probs = probs.to(torch.bfloat16).float()
+        return probs, denom
+
     def _attend_decoders(self, q: torch.Tensor, positions: torch.Tensor, keys: tuple[torch.Tensor, ...],
                          rows: tuple[Rows | None, ...], picks: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
         """Attention outputs [B, H, D] of B sequences' one query each (q [B, H, D] at `positions`
@@ -530,7 +543,7 @@ class Attention(nn.Module):
         is left-padded to W rows and its entries (the indexer's picks, else every causal entry)
         padded to the longest, the pads masked out. `keys[i]` [<= W, D] ends with the query's
         own KV; `rows[i]` and `picks[i]` [1, k] as in :meth:`_attend_chunk`."""
-        W, scale = self.window, self.head_dim ** -0.5
+        W = self.window
         qf = q.float()
         # pads: zero rows, masked by position (a pad row stands where position < 0)
         window = torch.stack([F.pad(k.float(), (0, 0, W - k.shape[0], 0)) for k in keys])  # [B, W, D]
@@ -551,13 +564,7 @@ class Attention(nn.Module):
                 chosen = torch.nn.utils.rnn.pad_sequence(picked, batch_first=True)  # [B, K, D]
                 hidden = ~torch.nn.utils.rnn.pad_sequence(valid, batch_first=True)
                 logits.append(torch.bmm(qf, chosen.transpose(1, 2)).masked_fill(hidden[:, None, :], float("-inf")))
-        scores = torch.cat(logits, dim=-1) * scale
-        sink = self.attn_sink.float()[None, :]
-        top = torch.maximum(scores.amax(dim=-1), sink)  # finite: the window holds the query itself
-        probs = torch.exp(scores - top[..., None])
-        denom = probs.sum(dim=-1) + torch.exp(sink - top)
-        if not self.exact:
-            probs = probs.to(torch.bfloat16).float()
+        probs, denom = self._softmax_with_sink(logits)
         out = torch.bmm(probs[..., :W], window)
         if chosen is not None:
             out = out + torch.bmm(probs[..., W:], chosen)
@@ -573,7 +580,7 @@ class Attention(nn.Module):
         are read, else every causal entry. Scores and softmax in fp32; in reference mode
         probabilities are rounded to bf16 before P·V, as the reference does.
         """
-        W, scale = self.window, self.head_dim ** -0.5
+        W = self.window
         Tb, H = q.shape[0], q.shape[1]
         L = window_keys.shape[0]
         qf, keys = q.float(), window_keys.float()
@@ -594,13 +601,7 @@ class Attention(nn.Module):
                 # only the k picks enter the softmax; no [Tb, H, N] scores over every entry
                 bags = picks.clamp(min=0)[:, None, :].expand(-1, H, -1).reshape(Tb * H, -1)
                 logits.append(_picked_scores(qf, comp, bags).masked_fill((picks < 0)[:, None, :], float("-inf")))
-        scores = torch.cat(logits, dim=-1) * scale
-        sink = self.attn_sink.float()[None, :]
-        top = torch.maximum(scores.amax(dim=-1), sink)  # finite: the window holds the query itself
-        probs = torch.exp(scores - top[..., None])
-        denom = probs.sum(dim=-1) + torch.exp(sink - top)
-        if not self.exact:
-            probs = probs.to(torch.bfloat16).float()
+        probs, denom = self._softmax_with_sink(logits)
         spread = probs.new_zeros(Tb, H, L)
         spread.as_strided(*band).copy_(probs[..., :W])
         out = torch.einsum("thl,ld->thd", spread, keys)
