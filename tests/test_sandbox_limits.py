@@ -188,11 +188,14 @@ def test_the_eval_graders_sandbox_bounds_all_processes_together(tmp_path: Path):
         pytest.skip(cgroups.unavailable_reason() or "no cgroups")
     assert re.search(r"\[v4agent: the sandbox's limits refused this command: [1-4] process\(es\) killed over "
                      r"256 MB, 0 fork\(s\)", done.output), done.output
-    assert not any("sleep 300" in _cmdline(p) for p in Path("/proc").glob("[0-9]*"))
+    deadline = time.monotonic() + 10  # SIGKILLed processes may take a moment to leave /proc
+    while any(_cmdline(p) == b"sleep\x00300\x00" for p in Path("/proc").glob("[0-9]*")):
+        assert time.monotonic() < deadline, "the command's leftover `sleep 300` is still running"
+        time.sleep(0.2)
 
 
-def _cmdline(proc: Path) -> str:
+def _cmdline(proc: Path) -> bytes:
     try:
-        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        return (proc / "cmdline").read_bytes()
     except OSError:
-        return ""
+        return b""
