@@ -71,4 +71,7 @@ app.add_typer(ci.app, name="ci")
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # Ctrl-C while typer builds the command, before click's own handling
+        raise SystemExit(130) from None
